@@ -1,0 +1,53 @@
+"""attnpatch: run existing models' attention on the fastest correct kernel on this machine.
+
+Public names only; each lives in the module its name points to:
+
+* `attention_forward`, `explain`, `stats`, `BackendUnsupportedError` — `attnpatch.router`
+* `backends`, `register_backend`, `unregister_backend`, `Backend` — `attnpatch.registry`
+* `use_backend`, `reload_env` — `attnpatch.controls`
+
+Note: ``attnpatch.backends`` is the function that lists backends; the backend modules themselves are
+imported as ``from attnpatch.backends.sdpa import SdpaBackend``.
+"""
+
+from __future__ import annotations
+
+from typing import List
+
+from . import backends as _backends_pkg
+from .call import Call
+from .controls import reload_env, use_backend
+from .registry import Backend, BackendInfo, register_backend, unregister_backend
+from .router import BackendUnsupportedError, Explanation, Stats, attention_forward, clear_cache, explain, stats
+
+_backends_pkg.register_builtin()
+
+__version__ = "0.1.0"
+
+
+def backends() -> List[BackendInfo]:
+    """Every registered backend: available?, why not, version, lossy?, backward?.
+
+    Probes each backend once (at the first call of this function or of the backend)."""
+    from . import controls, registry
+
+    try:
+        disabled = set(controls.env_settings().disabled)
+    except ValueError:
+        disabled = set()
+    out = []
+    for b in registry.all_backends():
+        reasons = tuple(b.availability())
+        out.append(BackendInfo(
+            name=b.NAME, available=not reasons, reasons=reasons, version=b.version(), lossy=b.LOSSY,
+            backward=b.SUPPORTS_BACKWARD, package=b.PACKAGE or "torch", description=b.DESCRIPTION,
+            disabled=b.NAME in disabled,
+        ))
+    return out
+
+
+__all__ = [
+    "attention_forward", "explain", "stats", "backends", "register_backend", "unregister_backend",
+    "use_backend", "reload_env", "clear_cache", "Backend", "BackendInfo", "BackendUnsupportedError", "Call",
+    "Explanation", "Stats", "__version__",
+]

@@ -1,0 +1,150 @@
+"""What the torch SDPA backends share: one runner builder and torch's own eligibility checks.
+
+Each sub-kernel backend (`sdpa_cudnn`, `sdpa_flash`, `sdpa_efficient`, `sdpa_math`) pins one kernel with
+`torch.nn.attention.sdpa_kernel`; `sdpa` lets torch choose. On CUDA, `extra_reasons` asks torch itself
+(``torch.backends.cuda.can_use_*_attention``) whether the pinned kernel can run the call, so the
+reasons match what torch would do, and `build` drops the context manager when torch's own choice is the
+pinned kernel anyway (it costs a few µs per call).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..call import Call
+from ..registry import Backend, version_at_least
+
+try:  # torch >= 2.3
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+except ImportError:  # pragma: no cover - torch < 2.3
+    SDPBackend = None
+    sdpa_kernel = None
+
+_CAN_USE = {
+    "FLASH_ATTENTION": "can_use_flash_attention",
+    "EFFICIENT_ATTENTION": "can_use_efficient_attention",
+    "CUDNN_ATTENTION": "can_use_cudnn_attention",
+}
+
+
+#: torch >= 2.5 accepts ``enable_gqa=True`` in scaled_dot_product_attention.
+_GQA_NATIVE = version_at_least(torch.__version__, "2.5")
+
+
+def _fake_inputs(call: Call, expand_gqa: bool, combine_causal: bool):
+    """Stride-0 tensors on the call's device with the call's shapes (bnsd), for torch's checks."""
+    dev = torch.device(call.device_type, call.device_index) if call.device_index is not None else torch.device(call.device_type)
+    hkv = call.heads_q if expand_gqa else call.heads_kv
+    q = torch.empty(1, 1, 1, call.head_dim, device=dev, dtype=call.dtype).expand(call.batch, call.heads_q, call.seq_q, call.head_dim)
+    k = torch.empty(1, 1, 1, call.head_dim, device=dev, dtype=call.dtype).expand(call.batch, hkv, call.seq_kv, call.head_dim)
+    v = torch.empty(1, 1, 1, call.head_dim_v, device=dev, dtype=call.dtype).expand(call.batch, hkv, call.seq_kv, call.head_dim_v)
+    mask = None
+    is_causal = call.is_causal
+    if call.mask_kind != "none":
+        mdtype = torch.bool if call.mask_kind == "bool" else call.dtype
+        # contiguous full-size last dim, like a real mask (the efficient kernel checks alignment)
+        mask = torch.zeros(1, 1, 1, call.seq_kv, device=dev, dtype=mdtype).expand(*call.mask_shape[:3], call.seq_kv)
+        if combine_causal and call.is_causal:
+            mask = mask.expand(call.mask_shape[0], call.mask_shape[1], call.seq_q, call.seq_kv)
+            is_causal = False
+    return q, k, v, mask, is_causal
+
+
+def torch_kernel_reasons(call: Call, kernel: str, expand_gqa: bool) -> List[str]:
+    """Ask torch whether the CUDA sub-kernel ``kernel`` (an SDPBackend name) can run this call."""
+    fn = getattr(torch.backends.cuda, _CAN_USE[kernel], None)
+    params_cls = getattr(torch.backends.cuda, "SDPAParams", None)
+    if fn is None or params_cls is None:
+        return []  # old torch: rely on the declarations
+    q, k, v, mask, is_causal = _fake_inputs(call, expand_gqa, combine_causal=True)
+    try:
+        params = params_cls(q, k, v, mask, call.dropout_p, is_causal, call.gqa and not expand_gqa)
+    except TypeError:  # torch < 2.5: no enable_gqa field
+        params = params_cls(q, k, v, mask, call.dropout_p, is_causal)
+    if fn(params, False):
+        return []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fn(params, True)
+    texts = [str(w.message).strip().rstrip(".") for w in caught]
+    return [f"torch refuses {kernel.lower()}: {t}" for t in texts] or [f"torch refuses {kernel.lower()} for this call"]
+
+
+def causal_mask(seq_q: int, seq_kv: int, device) -> torch.Tensor:
+    """SDPA's causal convention as a bool mask: top-left aligned, query i attends keys j <= i."""
+    return torch.ones(seq_q, seq_kv, dtype=torch.bool, device=device).tril()
+
+
+class SdpaFamily(Backend):
+    """Base for the torch SDPA backends. ``KERNEL`` is an SDPBackend name, or None for torch's choice.
+    ``NATIVE_GQA`` says whether the kernel takes ``enable_gqa`` (else the router's runner repeats k/v
+    heads, which costs memory but keeps the fused kernel)."""
+
+    KERNEL: Optional[str] = None
+    NATIVE_GQA: bool = True
+    SUPPORTS_DROPOUT = True
+
+    def probe(self) -> List[str]:
+        if self.KERNEL is not None and SDPBackend is None:
+            return [f"torch {torch.__version__} has no torch.nn.attention.sdpa_kernel (needs torch >= 2.3)"]
+        if self.KERNEL is not None and not hasattr(SDPBackend, self.KERNEL):
+            return [f"torch {torch.__version__} has no SDPBackend.{self.KERNEL}"]
+        return []
+
+    def _expand_gqa(self, call: Call) -> bool:
+        return call.gqa and not (self.NATIVE_GQA and _GQA_NATIVE)
+
+    def extra_reasons(self, call: Call) -> List[str]:
+        if self.KERNEL in _CAN_USE and call.device_type == "cuda":
+            return torch_kernel_reasons(call, self.KERNEL, self._expand_gqa(call))
+        return []
+
+    def _torch_picks_same(self, call: Call) -> bool:
+        """True when torch's default choice for this call is this backend's pinned kernel."""
+        if self.KERNEL is None or call.device_type != "cuda" or call.compiling:
+            return False
+        choice = getattr(torch, "_fused_sdp_choice", None)
+        if choice is None:
+            return False
+        q, k, v, mask, is_causal = _fake_inputs(call, self._expand_gqa(call), combine_causal=True)
+        kwargs = {}
+        if call.gqa and not self._expand_gqa(call):
+            kwargs["enable_gqa"] = True
+        try:
+            picked = choice(q, k, v, mask, call.dropout_p, is_causal, call.scale, **kwargs)
+        except Exception:
+            return False
+        return int(picked) == int(getattr(SDPBackend, self.KERNEL).value)
+
+    def build(self, call: Call):
+        expand = self._expand_gqa(call)
+        rep = call.heads_q // call.heads_kv
+        gqa_kw = {"enable_gqa": True} if call.gqa and not expand else {}
+        combine = call.is_causal and call.mask_kind != "none"
+        cmask = causal_mask(call.seq_q, call.seq_kv, torch.device(call.device_type, call.device_index)
+                            if call.device_index is not None else call.device_type) if combine else None
+        pinned = None
+        if self.KERNEL is not None and not self._torch_picks_same(call):
+            pinned = getattr(SDPBackend, self.KERNEL)
+        sdpa = F.scaled_dot_product_attention
+
+        def run(q, k, v, m, c, s, p):
+            if expand:
+                k = k.repeat_interleave(rep, dim=1)
+                v = v.repeat_interleave(rep, dim=1)
+            if combine:
+                m = (m & cmask) if m.dtype == torch.bool else m.masked_fill(~cmask, float("-inf"))
+                c = False
+            if pinned is None:
+                return sdpa(q, k, v, attn_mask=m, dropout_p=p, is_causal=c, scale=s, **gqa_kw)
+            with sdpa_kernel(pinned):
+                return sdpa(q, k, v, attn_mask=m, dropout_p=p, is_causal=c, scale=s, **gqa_kw)
+
+        if not expand and not combine and pinned is None and not gqa_kw:
+            def run(q, k, v, m, c, s, p):  # noqa: F811 - the fast common case
+                return sdpa(q, k, v, attn_mask=m, dropout_p=p, is_causal=c, scale=s)
+        return run

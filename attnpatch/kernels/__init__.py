@@ -1,0 +1,1 @@
+"""attnpatch's own attention kernels (imported lazily; nothing is loaded here)."""

@@ -1,0 +1,320 @@
+"""Backend declarations and the registry of backends.
+
+A backend is a subclass of `Backend` that states its limits as class constants and answers, for one
+`Call`, the list of reasons it cannot serve it (the idea of xformers' ``not_supported_reasons``). The
+router knows backends only through these declarations; it never names one.
+
+The registry is the only process-wide state of attnpatch. Registering or unregistering a backend
+clears the router's caches.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterable, List, Optional
+
+import torch
+
+from .call import Call
+
+logger = logging.getLogger("attnpatch")
+
+_DTYPE_NAMES = {
+    torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32", torch.float64: "float64",
+}
+
+
+def _dtype_name(dt) -> str:
+    return _DTYPE_NAMES.get(dt, str(dt).replace("torch.", ""))
+
+
+def _version_tuple(v: str) -> tuple:
+    out = []
+    for part in v.split("+")[0].split("."):
+        num = ""
+        for ch in part:
+            if ch.isdigit():
+                num += ch
+            else:
+                break
+        out.append(int(num) if num else 0)
+        if not num or num != part:
+            break
+    return tuple(out)
+
+
+def version_at_least(have: str, need: str) -> bool:
+    """True when version string ``have`` is >= ``need`` (numeric release parts only)."""
+    a, b = _version_tuple(have), _version_tuple(need)
+    n = max(len(a), len(b))
+    return a + (0,) * (n - len(a)) >= b + (0,) * (n - len(b))
+
+
+#: The runner a backend returns from `Backend.build`: takes q, k, v in the backend's NATIVE_LAYOUT,
+#: the mask already viewed as 4-D (or None), is_causal, scale (None = 1/sqrt(d)) and dropout_p, and
+#: returns the output in NATIVE_LAYOUT.
+Runner = Callable[..., torch.Tensor]
+
+
+class Backend:
+    """Base class of every backend. Subclasses override the constants and, where needed,
+    `probe`, `extra_reasons` and `build`.
+
+    Constants (data, not code):
+
+    * ``NAME`` — the token used in ``backend=``, ``ATTNPATCH_BACKEND``, recipes and the CLI.
+    * ``PACKAGE`` / ``MIN_VERSION`` / ``EXTRA`` — the distribution that provides the kernel, its minimum
+      version and the ``attnpatch[extra]`` that installs it (``None`` for torch itself).
+    * ``LOSSY`` — True for approximate kernels (8-bit, fp8): never chosen by auto without an opt-in.
+    * ``SUPPORTS_BACKWARD``, ``SUPPORTS_DROPOUT``, ``SUPPORTS_GQA``, ``SUPPORTS_CAUSAL``,
+      ``SUPPORTS_CAUSAL_WITH_MASK``, ``SUPPORTS_CROSS`` (seq_q != seq_kv), ``SUPPORTS_V_HEAD_DIM_DIFFERENT``.
+    * ``SUPPORTED_DEVICES``, ``SUPPORTED_DTYPES``, ``SUPPORTED_MASKS`` (subset of "none", "bool",
+      "additive"), ``KEY_PADDING_MASKS_ONLY`` (masks must be (b, 1, 1, s_kv)-shaped).
+    * ``MIN_HEAD_DIM``, ``MAX_HEAD_DIM``, ``HEAD_DIM_MULTIPLE``, ``MIN_SEQ_KV`` (accuracy floor for lossy
+      kernels), ``CUDA_MIN_CAPABILITY``, ``CUDA_MAX_CAPABILITY`` (inclusive, e.g. (9, 0) for Hopper only).
+    * ``NATIVE_LAYOUT`` — the layout the runner takes ("bnsd" or "bsnd"); the router transposes views.
+    * ``AUTO_PRIORITY`` — static auto order per device class ("cpu", "cuda", "cuda_sm90", ...): lower
+      runs first, missing means auto never picks it on that device class.
+    * ``TOLERANCE`` — per-dtype (atol, rtol-like) used by tests; lossy backends state their own bound.
+    """
+
+    NAME: str = ""
+    DESCRIPTION: str = ""
+    PACKAGE: Optional[str] = None
+    MIN_VERSION: Optional[str] = None
+    EXTRA: Optional[str] = None
+    LOSSY: bool = False
+    SUPPORTS_BACKWARD: bool = True
+    SUPPORTS_DROPOUT: bool = False
+    SUPPORTS_GQA: bool = True
+    SUPPORTS_CAUSAL: bool = True
+    SUPPORTS_CAUSAL_WITH_MASK: bool = True
+    SUPPORTS_CROSS: bool = True
+    SUPPORTS_V_HEAD_DIM_DIFFERENT: bool = True
+    SUPPORTED_DEVICES: frozenset = frozenset({"cpu", "cuda"})
+    SUPPORTED_DTYPES: frozenset = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+    SUPPORTED_MASKS: frozenset = frozenset({"none", "bool", "additive"})
+    KEY_PADDING_MASKS_ONLY: bool = False
+    MIN_HEAD_DIM: int = 1
+    MAX_HEAD_DIM: Optional[int] = None
+    HEAD_DIM_MULTIPLE: int = 1
+    MIN_SEQ_KV: int = 1
+    CUDA_MIN_CAPABILITY: Optional[tuple] = None
+    CUDA_MAX_CAPABILITY: Optional[tuple] = None
+    NATIVE_LAYOUT: str = "bnsd"
+    AUTO_PRIORITY: Dict[str, int] = {}
+    TOLERANCE: Dict[torch.dtype, float] = {}
+
+    def __init__(self) -> None:
+        self._probe_lock = threading.Lock()
+        self._availability: Optional[List[str]] = None
+        self._version: Optional[str] = None
+
+    # -- availability -------------------------------------------------------------------------
+    def probe(self) -> List[str]:
+        """Check that the kernel can really be used here; return reasons it cannot (empty = available).
+
+        Runs once per process, at first use (never at ``import attnpatch``). The default checks that
+        ``PACKAGE`` is installed at ``MIN_VERSION`` or newer. Overrides import the package and load its
+        compiled extension; a failure is a reason, never an exception.
+        """
+        if self.PACKAGE is None:
+            return []
+        try:
+            version = importlib.metadata.version(self.PACKAGE)
+        except importlib.metadata.PackageNotFoundError:
+            hint = f"pip install 'attnpatch[{self.EXTRA}]'" if self.EXTRA else f"pip install {self.PACKAGE}"
+            return [f"package {self.PACKAGE} is not installed ({hint})"]
+        self._version = version
+        if self.MIN_VERSION and not version_at_least(version, self.MIN_VERSION):
+            return [f"{self.PACKAGE} {version} is older than the minimum {self.MIN_VERSION}"]
+        return []
+
+    def availability(self) -> List[str]:
+        """Reasons this backend is unavailable in this process (cached after the first probe)."""
+        if self._availability is None:
+            with self._probe_lock:
+                if self._availability is None:
+                    try:
+                        reasons = list(self.probe())
+                    except Exception as exc:  # a probe must never take the process down
+                        reasons = [f"probe failed: {type(exc).__name__}: {exc}"]
+                    self._availability = reasons
+        return self._availability
+
+    @property
+    def available(self) -> bool:
+        return not self.availability()
+
+    def version(self) -> Optional[str]:
+        """The provider's version (torch's for torch backends), once probed."""
+        if self.PACKAGE is None:
+            return torch.__version__
+        self.availability()
+        return self._version
+
+    def reset_probe(self) -> None:
+        """Forget the cached probe result (tests; after installing a package)."""
+        with self._probe_lock:
+            self._availability = None
+
+    # -- per-call reasons -----------------------------------------------------------------------
+    def not_supported_reasons(self, call: Call) -> List[str]:
+        """Every reason this backend cannot serve ``call`` (empty list = it can).
+
+        Each reason names the value and what is allowed. Subclasses extend `extra_reasons`.
+        """
+        reasons = list(self.availability())
+        if call.device_type not in self.SUPPORTED_DEVICES:
+            reasons.append(f"device {call.device_type} (supported: {', '.join(sorted(self.SUPPORTED_DEVICES))})")
+        if call.device_type == "cuda" and call.capability is not None:
+            cap = call.capability
+            if self.CUDA_MIN_CAPABILITY and cap < tuple(self.CUDA_MIN_CAPABILITY):
+                reasons.append(
+                    f"GPU compute capability {cap[0]}.{cap[1]} is below the minimum "
+                    f"{self.CUDA_MIN_CAPABILITY[0]}.{self.CUDA_MIN_CAPABILITY[1]}"
+                )
+            if self.CUDA_MAX_CAPABILITY and cap > tuple(self.CUDA_MAX_CAPABILITY):
+                reasons.append(
+                    f"GPU compute capability {cap[0]}.{cap[1]} is above the maximum "
+                    f"{self.CUDA_MAX_CAPABILITY[0]}.{self.CUDA_MAX_CAPABILITY[1]}"
+                )
+        if call.dtype not in self.SUPPORTED_DTYPES:
+            allowed = ", ".join(sorted(_dtype_name(d) for d in self.SUPPORTED_DTYPES))
+            reasons.append(f"dtype={_dtype_name(call.dtype)} (supported: {allowed})")
+        for label, dim in (("head_dim", call.head_dim), ("value head_dim", call.head_dim_v)):
+            if dim < self.MIN_HEAD_DIM or (self.MAX_HEAD_DIM is not None and dim > self.MAX_HEAD_DIM):
+                hi = self.MAX_HEAD_DIM if self.MAX_HEAD_DIM is not None else "any"
+                reasons.append(f"{label}={dim} (supported: {self.MIN_HEAD_DIM} to {hi})")
+            elif dim % self.HEAD_DIM_MULTIPLE:
+                reasons.append(f"{label}={dim} is not a multiple of {self.HEAD_DIM_MULTIPLE}")
+        if call.head_dim_v != call.head_dim and not self.SUPPORTS_V_HEAD_DIM_DIFFERENT:
+            reasons.append(f"value head_dim {call.head_dim_v} != query head_dim {call.head_dim} (not supported)")
+        if call.mask_kind not in self.SUPPORTED_MASKS:
+            allowed = ", ".join(k for k in ("none", "bool", "additive") if k in self.SUPPORTED_MASKS)
+            reasons.append(f"mask kind {call.mask_kind} (supported: {allowed})")
+        elif call.mask_kind != "none" and self.KEY_PADDING_MASKS_ONLY and not call.key_padding:
+            reasons.append(f"mask of shape {call.mask_shape} is not a key-padding mask (b, 1, 1, s_kv); only those are supported")
+        if call.is_causal and not self.SUPPORTS_CAUSAL:
+            reasons.append("causal attention is not supported")
+        if call.is_causal and call.mask_kind != "none" and not self.SUPPORTS_CAUSAL_WITH_MASK:
+            reasons.append("causal together with an explicit mask is not supported")
+        if call.gqa and not self.SUPPORTS_GQA:
+            reasons.append(f"GQA/MQA ({call.heads_q} query heads, {call.heads_kv} kv heads) is not supported")
+        if call.cross and not self.SUPPORTS_CROSS:
+            reasons.append(f"seq_q={call.seq_q} != seq_kv={call.seq_kv} (cross-attention) is not supported")
+        if call.dropout_p > 0 and not self.SUPPORTS_DROPOUT:
+            reasons.append(f"dropout_p={call.dropout_p} (this backend has no dropout)")
+        if call.needs_grad and not self.SUPPORTS_BACKWARD:
+            reasons.append("gradients are needed but this backend is forward-only")
+        if call.seq_kv < self.MIN_SEQ_KV:
+            reasons.append(f"seq_kv={call.seq_kv} is below {self.MIN_SEQ_KV}, where this kernel is accurate")
+        if not reasons:
+            reasons.extend(self.extra_reasons(call))
+        return reasons
+
+    def extra_reasons(self, call: Call) -> List[str]:
+        """Backend-specific checks beyond the declared constants (only asked when those all pass)."""
+        return []
+
+    def supports(self, call: Call) -> bool:
+        return not self.not_supported_reasons(call)
+
+    # -- running -----------------------------------------------------------------------------------
+    def build(self, call: Call) -> Runner:
+        """Return the function that runs calls of this signature (decided once, then cached)."""
+        raise NotImplementedError(f"backend {self.NAME!r} does not implement build()")
+
+    def __repr__(self) -> str:
+        return f"<attnpatch backend {self.NAME!r}>"
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    """What `attnpatch.backends()` reports for one backend."""
+
+    name: str
+    available: bool
+    reasons: tuple
+    version: Optional[str]
+    lossy: bool
+    backward: bool
+    package: Optional[str]
+    description: str
+    disabled: bool = False
+
+    @property
+    def why_not(self) -> str:
+        return "; ".join(self.reasons)
+
+
+_REGISTRY: Dict[str, Backend] = {}
+_REGISTRY_LOCK = threading.Lock()
+_listeners: List[Callable[[], None]] = []
+
+
+def on_registry_change(fn: Callable[[], None]) -> None:
+    """Call ``fn`` whenever the registry changes (the router clears its caches)."""
+    _listeners.append(fn)
+
+
+def _changed() -> None:
+    for fn in _listeners:
+        fn()
+
+
+def register_backend(backend, *, replace: bool = False) -> Backend:
+    """Add a backend (a `Backend` subclass or instance) to the registry and return the instance.
+
+    Its ``NAME`` must be new unless ``replace=True``. Registering never selects it: auto considers it
+    only through its ``AUTO_PRIORITY``; otherwise name it with ``backend=`` or `use_backend`.
+    """
+    if isinstance(backend, type):
+        if not issubclass(backend, Backend):
+            raise TypeError(f"register_backend expects a Backend subclass or instance, got {backend!r}")
+        backend = backend()
+    if not isinstance(backend, Backend):
+        raise TypeError(f"register_backend expects a Backend subclass or instance, got {type(backend).__name__}")
+    name = backend.NAME
+    if not name or not isinstance(name, str) or not name.replace("_", "").isalnum() or name == "auto":
+        raise ValueError(f"backend NAME must be a non-empty identifier other than 'auto', got {name!r}")
+    if backend.NATIVE_LAYOUT not in ("bnsd", "bsnd"):
+        raise ValueError(f"backend {name!r}: NATIVE_LAYOUT must be 'bnsd' or 'bsnd', got {backend.NATIVE_LAYOUT!r}")
+    with _REGISTRY_LOCK:
+        if name in _REGISTRY and not replace:
+            raise ValueError(f"a backend named {name!r} is already registered; pass replace=True to replace it")
+        _REGISTRY[name] = backend
+    _changed()
+    return backend
+
+
+def unregister_backend(name: str) -> None:
+    """Remove a backend by name (tests, plug-ins)."""
+    with _REGISTRY_LOCK:
+        if name not in _REGISTRY:
+            raise ValueError(f"no backend named {name!r}; registered: {', '.join(sorted(_REGISTRY))}")
+        del _REGISTRY[name]
+    _changed()
+
+
+def get_backend(name: str) -> Backend:
+    return _REGISTRY[name]
+
+
+def backend_names() -> List[str]:
+    return list(_REGISTRY)
+
+
+def all_backends() -> List[Backend]:
+    return list(_REGISTRY.values())
+
+
+def check_names(names: Iterable[str], source: str) -> None:
+    """Raise ValueError naming ``source`` and listing valid names if any name is unknown."""
+    for n in names:
+        if n not in _REGISTRY:
+            valid = ", ".join(["auto"] + sorted(_REGISTRY))
+            raise ValueError(f"unknown attention backend {n!r} from {source}; valid names: {valid}")

@@ -1,0 +1,1 @@
+"""attnpatch's shipped recipes (YAML files), installed as ``attnpatch.recipe_files``."""
