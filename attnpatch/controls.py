@@ -1,5 +1,5 @@
-"""What the user controls: `use_backend`, the ``ATTNPATCH_*`` environment variables, and the scopes that
-patches set around the modules they patched.
+"""What the user controls: `use_backend`, the ``ATTNPATCH_*`` environment variables, and the `Scope`
+objects that patches hand to the router for the sites they patched.
 
 State is kept in `contextvars`, so a choice made in one thread or asyncio task never leaks into another,
 nested scopes compose, and every scope is restored in ``finally`` (also on exceptions). Environment
@@ -42,14 +42,13 @@ class Scope:
     strict: Optional[bool] = None
     allow_lossy: Optional[bool] = None
     source: str = ""
-    site: object = None  # a patch's site record (set by adapters), for per-site reports
+    site: object = None  # a patch's site record (adapters pass the Scope to router.route), for reports
 
 
 #: ``Scope.backends`` value meaning "auto, explicitly" (None means "no opinion: ask the next layer").
 AUTO: Tuple[str, ...] = ()
 
 _CONTEXT: contextvars.ContextVar = contextvars.ContextVar("attnpatch_context", default=None)
-_SITE: contextvars.ContextVar = contextvars.ContextVar("attnpatch_site", default=None)
 
 
 def normalise_backends(spec: BackendSpec, source: str) -> Optional[Tuple[str, ...]]:
@@ -109,16 +108,6 @@ def use_backend(backend: BackendSpec = None, *, strict: Optional[bool] = None,
         yield scope
     finally:
         _CONTEXT.reset(token)
-
-
-@contextlib.contextmanager
-def site_scope(scope: Optional[Scope]) -> Iterator[None]:
-    """Used by adapters: run the block with a patch's site scope (its backend setting and report)."""
-    token = _SITE.set(scope)
-    try:
-        yield
-    finally:
-        _SITE.reset(token)
 
 
 # -- environment -------------------------------------------------------------------------------------

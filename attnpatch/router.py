@@ -20,7 +20,7 @@ from . import controls, registry
 import dataclasses
 
 from .call import Call, build_call, call_from_meta, tensor_meta
-from .controls import AUTO, Scope, _CONTEXT, _SITE
+from .controls import AUTO, Scope, _CONTEXT
 
 logger = logging.getLogger("attnpatch")
 
@@ -320,15 +320,22 @@ def attention_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     A query row whose keys are all masked gives zeros (SDPA's result since torch 2.5), not NaN.
     The output is (b, h_q, s_q, d_v) for "bnsd" and (b, s_q, h_q, d_v) for "bsnd".
     """
+    return route(None, query, key, value, layout, attn_mask, is_causal, scale, dropout_p, backend)
+
+
+def route(site: Optional[Scope], query, key, value, layout="bnsd", attn_mask=None, is_causal=False,
+          scale=None, dropout_p=0.0, backend=None):
+    """`attention_forward` for adapters: ``site`` is the patched site's `Scope` (its backend setting,
+    recipe rule and report), passed explicitly so that compiled graphs need no context variable."""
     if torch.compiler.is_compiling():
-        return _traced_forward(query, key, value, layout, attn_mask, is_causal, scale, dropout_p, backend)
+        return _traced_forward(site, query, key, value, layout, attn_mask, is_causal, scale, dropout_p, backend)
     grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
     cache_key = (
         query.shape, key.shape, value.shape, query.dtype, key.dtype, value.dtype, query.device,
         None if attn_mask is None else (attn_mask.shape, attn_mask.dtype),
         layout, is_causal, dropout_p, grad,
         backend if backend is None or backend.__class__ is str else tuple(backend),
-        _CONTEXT.get(), _SITE.get(),
+        _CONTEXT.get(), site,
     )
     plan = _PLANS.get(cache_key)
     if plan is None:
@@ -366,14 +373,14 @@ except AttributeError:  # pragma: no cover
     pass
 
 
-def _traced_forward(query, key, value, layout, attn_mask, is_causal, scale, dropout_p, backend):
+def _traced_forward(site, query, key, value, layout, attn_mask, is_causal, scale, dropout_p, backend):
     """The path torch.compile traces: the decision is made once at trace time (guarded by dynamo on
     the scopes and shapes), and the chosen backend's runner is traced into the graph."""
     grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
     meta = tensor_meta(query, key, value, attn_mask)
     name, fields, spec = _compile_decision(
         meta, layout, is_causal, scale, dropout_p, grad,
-        backend if backend is None or isinstance(backend, str) else tuple(backend), _CONTEXT.get(), _SITE.get())
+        backend if backend is None or isinstance(backend, str) else tuple(backend), _CONTEXT.get(), site)
     call = Call(*fields)
     b = registry.get_backend(name)
     run = _wrap(b.build(call), call, spec, b.NATIVE_LAYOUT)
@@ -407,12 +414,13 @@ class Explanation:
 
 
 def explain(query, key, value, *, layout: str = "bnsd", attn_mask=None, is_causal: bool = False,
-            scale=None, dropout_p: float = 0.0, backend=None) -> Explanation:
+            scale=None, dropout_p: float = 0.0, backend=None, site: Optional[Scope] = None) -> Explanation:
     """Which backend `attention_forward` would use for these arguments, and why each other backend was
-    refused. Recomputes everything (no cache); raises the same errors the call would."""
+    refused. Recomputes everything (no cache); raises the same errors the call would. ``site`` is a
+    patched site's scope (adapters and the CLI pass it)."""
     grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
     call, _ = build_call(query, key, value, layout, attn_mask, is_causal, scale, dropout_p, grad)
-    d = decide(call, _arg_names(backend), _CONTEXT.get(), _SITE.get(), full=True)
+    d = decide(call, _arg_names(backend), _CONTEXT.get(), site, full=True)
     return Explanation(call, d.backend.NAME, d.source, d.requested, d.fallback, d.reasons)
 
 

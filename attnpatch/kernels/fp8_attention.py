@@ -160,7 +160,8 @@ def _bucket(n: int) -> int:
 
 def _triton_forward(q, k, v, scale: float, is_causal: bool, key_padding, layout: str,
                     *, exp_f16: Optional[bool] = None, magic: Optional[bool] = None,
-                    pv_fp8: bool = True, fixed_config=None, out=None):
+                    pv_fp8: bool = True, fixed_config=None, out=None,
+                    return_quant: bool = False):
     """Launch the four kernels.  q, k, v: torch tensors on one device (cuda, or
     cpu under TRITON_INTERPRET=1).  Returns the output in ``layout``."""
     from . import _fp8_triton as T
@@ -205,6 +206,8 @@ def _triton_forward(q, k, v, scale: float, is_causal: bool, key_padding, layout:
         hkv, skv, skv_pad, nsplit, float(skv),
         D=d, BN=BN, NSPLIT_P2=max(2, triton_next_pow2(nsplit)), QUANT_V=pv_fp8,
         num_warps=8 if d == 128 else 4)
+    if return_quant:
+        return dict(q8=q8, qs=qs, k8=k8, ks=ks, vt8=vt8, vs=vsc, vm=vm, part=part)
     # pass 4: attention
     if out is None:
         out = torch.empty(q.shape, device=dev, dtype=q.dtype)
