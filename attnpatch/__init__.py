@@ -5,6 +5,7 @@ Public names only; each lives in the module its name points to:
 * `attention_forward`, `explain`, `stats`, `BackendUnsupportedError` — `attnpatch.router`
 * `backends`, `register_backend`, `unregister_backend`, `Backend` — `attnpatch.registry`
 * `use_backend`, `reload_env` — `attnpatch.controls`
+* `apply`, `remove`, `patched`, `Patch`, `Site` — `attnpatch.patch` (adapters: ``attnpatch.adapters``)
 
 Note: ``attnpatch.backends`` is the function that lists backends; the backend modules themselves are
 imported as ``from attnpatch.backends.sdpa import SdpaBackend``.
@@ -19,6 +20,7 @@ from .call import Call
 from .controls import reload_env, use_backend
 from .registry import Backend, BackendInfo, register_backend, unregister_backend
 from .router import BackendUnsupportedError, Explanation, Stats, attention_forward, clear_cache, explain, stats
+from .patch import Patch, Site, apply, patched, remove
 
 _backends_pkg.register_builtin()
 
@@ -48,6 +50,6 @@ def backends() -> List[BackendInfo]:
 
 __all__ = [
     "attention_forward", "explain", "stats", "backends", "register_backend", "unregister_backend",
-    "use_backend", "reload_env", "clear_cache", "Backend", "BackendInfo", "BackendUnsupportedError", "Call",
+    "use_backend", "reload_env", "clear_cache", "apply", "remove", "patched", "Patch", "Site", "Backend", "BackendInfo", "BackendUnsupportedError", "Call",
     "Explanation", "Stats", "__version__",
 ]

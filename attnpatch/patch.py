@@ -1,0 +1,561 @@
+"""`apply`, `remove`, `patched`: send a model's attention calls to the router, scoped to that model and
+exactly undoable.
+
+`apply(target)` walks every module of the target (a pipeline's components, a module, or a list), lets
+each adapter (``attnpatch.adapters.<name>``, tried in ``PRIORITY`` order) claim the attention sites it
+recognises, gives every site a router `Scope` (its backend setting and its report), and patches the
+sites. Every change is recorded in an `UndoLog`: the owner, the attribute, whether the attribute was in
+the owner's ``__dict__``, the old value and the new one. `Patch.remove()` restores them in reverse
+order, each only after checking that the current value is still attnpatch's, so afterwards
+``vars(module)``, ``type(module)`` and ``state_dict()`` are as they were and outputs are bitwise equal.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import weakref
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from . import controls, router
+from .controls import Scope
+
+logger = logging.getLogger("attnpatch")
+
+_LOCK = threading.RLock()
+_MISSING = object()
+
+#: root module -> the Patch that patched it (to make apply idempotent and to find it for remove()).
+_PATCHES: "weakref.WeakKeyDictionary[torch.nn.Module, Patch]" = weakref.WeakKeyDictionary()
+#: patched module -> its Site (adapters look sites up by module; nothing is written on the module).
+SITE_OF: "weakref.WeakKeyDictionary[torch.nn.Module, Site]" = weakref.WeakKeyDictionary()
+
+
+# -- sites -------------------------------------------------------------------------------------------
+
+@dataclass(eq=False)
+class Site:
+    """One attention site of a patched model.
+
+    ``path`` is the module's dotted path from the target (``transformer.transformer_blocks.0.attn``;
+    pipeline components are prefixed with their component name). ``kind`` is "self", "cross",
+    "joint" (text and image tokens in one attention) or "unknown". ``routed`` is False for a site
+    that computes attention in a way attnpatch cannot route (reported, never silently skipped).
+    ``scope`` is what the router receives for this site's calls; `Patch.update` and recipes replace it.
+    """
+
+    path: str
+    adapter: str
+    kind: str = "unknown"
+    heads: Optional[int] = None
+    kv_heads: Optional[int] = None
+    head_dim: Optional[int] = None
+    module_class: str = ""
+    routed: bool = True
+    note: str = ""
+    component: str = ""
+    scope: Optional[Scope] = None
+    rule: str = ""  # which recipe rule (or "apply()") set the scope
+
+    def counts(self) -> Tuple[Counter, Counter]:
+        """(calls per backend, fallbacks per (refused backend, used backend, reason)) for this site."""
+        calls: Counter = Counter()
+        fallbacks: Counter = Counter()
+        for site, name, fallback, n in router.iter_counts():
+            if site is self:
+                calls[name] += n
+                for refused, why in fallback:
+                    fallbacks[(refused, name, why)] += n
+        return calls, fallbacks
+
+    def as_dict(self) -> Dict[str, Any]:
+        return {
+            "path": self.path, "adapter": self.adapter, "kind": self.kind, "heads": self.heads,
+            "kv_heads": self.kv_heads, "head_dim": self.head_dim, "module_class": self.module_class,
+            "routed": self.routed, "note": self.note, "rule": self.rule,
+            "backend": describe_scope(self.scope),
+        }
+
+
+def describe_scope(scope: Optional[Scope]) -> str:
+    if scope is None or scope.backends is None:
+        return "(not set: use_backend / ATTNPATCH_BACKEND / auto)"
+    if scope.backends == controls.AUTO:
+        return "auto"
+    return ",".join(scope.backends)
+
+
+@dataclass
+class SiteMatch:
+    """What an adapter's `find_sites` returns for one module it recognises."""
+
+    module: torch.nn.Module
+    path: str
+    kind: str = "unknown"
+    heads: Optional[int] = None
+    kv_heads: Optional[int] = None
+    head_dim: Optional[int] = None
+    routed: bool = True
+    note: str = ""
+    data: Any = None  # adapter-private (e.g. which function to rebind)
+
+
+# -- undo ---------------------------------------------------------------------------------------------
+
+class UndoLog:
+    """Records every change attnpatch makes so that it can be undone exactly, in reverse order."""
+
+    def __init__(self) -> None:
+        self._entries: List[Tuple[str, Any]] = []
+
+    def set_attr(self, obj: Any, name: str, value: Any) -> None:
+        """Set ``obj.name = value`` in ``obj.__dict__`` (bypassing nn.Module.__setattr__), recording
+        whether the name was in ``__dict__`` and its old value."""
+        d = obj.__dict__
+        old = d.get(name, _MISSING)
+        d[name] = value
+        self._entries.append(("attr", (weakref.ref(obj), name, old, value)))
+
+    def set_class(self, obj: Any, new_cls: type) -> None:
+        old = obj.__class__
+        obj.__class__ = new_cls
+        self._entries.append(("class", (weakref.ref(obj), old, new_cls)))
+
+    def call(self, undo: Callable[[], None], label: str) -> None:
+        """Record an arbitrary undo step (e.g. restoring a transformers config value)."""
+        self._entries.append(("call", (undo, label)))
+
+    def undo(self) -> List[str]:
+        """Undo everything, newest first. Returns warnings for entries that were changed by someone
+        else since (those are left alone)."""
+        problems = []
+        while self._entries:
+            kind, data = self._entries.pop()
+            if kind == "attr":
+                ref, name, old, new = data
+                obj = ref()
+                if obj is None:
+                    continue
+                d = obj.__dict__
+                if d.get(name, _MISSING) is not new:
+                    problems.append(f"{type(obj).__name__}.{name} was changed after attnpatch patched it; left as is")
+                    continue
+                if old is _MISSING:
+                    del d[name]
+                else:
+                    d[name] = old
+            elif kind == "class":
+                ref, old, new = data
+                obj = ref()
+                if obj is None:
+                    continue
+                if obj.__class__ is not new:
+                    problems.append(f"the class of a {old.__name__} was changed after attnpatch patched it; left as is")
+                    continue
+                obj.__class__ = old
+            else:
+                fn, label = data
+                try:
+                    fn()
+                except Exception as exc:  # keep undoing the rest
+                    problems.append(f"undo step {label!r} failed: {type(exc).__name__}: {exc}")
+        return problems
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+# -- adapters -----------------------------------------------------------------------------------------
+
+class Adapter:
+    """Base class of adapters (one per model family, in ``adapters/<name>.py``).
+
+    * ``NAME`` — shown in `Patch.sites` and reports.
+    * ``PRIORITY`` — lower claims sites first (library adapters before the generic one).
+    * `find_sites(root, prefix)` — the sites this adapter recognises under ``root``.
+    * `patch_root(root, sites, undo)` — optional model-level change (e.g. transformers' attention
+      implementation), done once per root before the sites.
+    * `patch_site(match, site, undo)` — route one site; every change goes through ``undo``.
+    * `refresh_site(match, site)` — optional: called after a site's scope changed.
+    """
+
+    NAME = ""
+    PRIORITY = 100
+
+    def available(self) -> bool:
+        return True
+
+    def find_sites(self, root: torch.nn.Module, prefix: str) -> List[SiteMatch]:
+        raise NotImplementedError
+
+    def patch_root(self, root: torch.nn.Module, matches: List[SiteMatch], undo: UndoLog) -> None:
+        pass
+
+    def patch_site(self, match: SiteMatch, site: Site, undo: UndoLog) -> None:
+        raise NotImplementedError
+
+
+_ADAPTERS: List[Adapter] = []
+
+
+def register_adapter(adapter: Union[Adapter, type]) -> Adapter:
+    """Add an adapter (its class or an instance); adapters are tried in ``PRIORITY`` order."""
+    if isinstance(adapter, type):
+        adapter = adapter()
+    if not isinstance(adapter, Adapter):
+        raise TypeError(f"register_adapter expects an Adapter, got {type(adapter).__name__}")
+    with _LOCK:
+        _ADAPTERS[:] = [a for a in _ADAPTERS if a.NAME != adapter.NAME] + [adapter]
+        _ADAPTERS.sort(key=lambda a: (a.PRIORITY, a.NAME))
+    return adapter
+
+
+def adapters() -> List[Adapter]:
+    _load_builtin_adapters()
+    return list(_ADAPTERS)
+
+
+_BUILTIN_LOADED = False
+
+
+def _load_builtin_adapters() -> None:
+    global _BUILTIN_LOADED
+    if _BUILTIN_LOADED:
+        return
+    with _LOCK:
+        if _BUILTIN_LOADED:
+            return
+        import importlib
+
+        for name in BUILTIN_ADAPTERS:
+            mod = importlib.import_module(f"attnpatch.adapters.{name}")
+            register_adapter(mod.ADAPTER)  # adapters import their library lazily (see Adapter.available)
+        _BUILTIN_LOADED = True
+
+
+#: Adapter modules shipped in ``attnpatch.adapters`` (fixed names; nothing from user input).
+BUILTIN_ADAPTERS = ("torch_sdpa",)  # + "diffusers", "transformers", "diffsynth" as they land
+
+
+# -- targets ------------------------------------------------------------------------------------------
+
+def _components(target) -> List[Tuple[str, torch.nn.Module]]:
+    """The (name, module) roots of a target: a module, a diffusers-style pipeline, or a list."""
+    if isinstance(target, torch.nn.Module):
+        return [("", target)]
+    if isinstance(target, (list, tuple)):
+        out = []
+        for i, t in enumerate(target):
+            for name, m in _components(t):
+                out.append((name or str(i), m))
+        return out
+    comps = getattr(target, "components", None)
+    if isinstance(comps, dict):
+        mods = [(name, m) for name, m in comps.items() if isinstance(m, torch.nn.Module)]
+        if not mods:
+            raise TypeError(f"attnpatch.apply: the pipeline {type(target).__name__} has no torch.nn.Module components")
+        return mods
+    raise TypeError(
+        f"attnpatch.apply: target must be a torch.nn.Module, a diffusers pipeline (with .components) or a "
+        f"list of these; got {type(target).__name__}"
+    )
+
+
+# -- the patch handle ----------------------------------------------------------------------------------
+
+@dataclass
+class Settings:
+    backend: Union[str, Tuple[str, ...]] = "auto"
+    strict: bool = False
+    allow_lossy: bool = False
+    recipe: Any = None
+
+
+@dataclass(eq=False)
+class _RootPatch:
+    component: str
+    root: torch.nn.Module
+    sites: List[Site]
+    matches: List[SiteMatch]
+    undo: UndoLog
+    adapters: Dict[int, Adapter] = field(default_factory=dict)
+
+
+class Patch:
+    """The handle `apply` returns: ``sites``, ``report()``, ``update(...)`` and ``remove()``."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._roots: List[_RootPatch] = []
+        self.removed = False
+        self.recipe_name: Optional[str] = None
+
+    @property
+    def sites(self) -> List[Site]:
+        """Every attention site found, routed or not, in walk order."""
+        return [s for r in self._roots for s in r.sites]
+
+    @property
+    def routed_sites(self) -> List[Site]:
+        return [s for s in self.sites if s.routed]
+
+    def report(self) -> "Report":
+        """Per site: the backend that actually ran and how many times, and every fallback with its
+        reason. Calls traced under torch.compile are listed as decided, not counted."""
+        rows = []
+        compiled = router.COMPILED_DECISIONS
+        for s in self.sites:
+            calls, fallbacks = s.counts()
+            traced = sorted(name for (site, name) in compiled if site is s)
+            rows.append(ReportRow(s, dict(calls), dict(fallbacks), traced))
+        return Report(rows, self.recipe_name)
+
+    def update(self, backend=None, *, strict: Optional[bool] = None, allow_lossy: Optional[bool] = None) -> "Patch":
+        """Change the settings of every site of this patch in place (no re-patching)."""
+        with _LOCK:
+            s = self.settings
+            names = controls.normalise_backends(backend, "Patch.update(backend=...)") if backend is not None else None
+            new = Settings(backend=backend if backend is not None else s.backend,
+                           strict=s.strict if strict is None else strict,
+                           allow_lossy=s.allow_lossy if allow_lossy is None else allow_lossy, recipe=s.recipe)
+            self.settings = new
+            for site in self.sites:
+                old = site.scope
+                site.scope = Scope(
+                    backends=names if names is not None else (old.backends if old else None),
+                    strict=new.strict, allow_lossy=new.allow_lossy,
+                    source=old.source if old else "apply()", site=site,
+                )
+        return self
+
+    def remove(self) -> None:
+        """Undo every change of this patch (newest first). Idempotent."""
+        with _LOCK:
+            if self.removed:
+                return
+            for rp in reversed(self._roots):
+                self._remove_root(rp)
+            self._roots.clear()
+            self.removed = True
+
+    def _remove_root(self, rp: _RootPatch) -> None:
+        for problem in rp.undo.undo():
+            logger.warning("attnpatch.remove: %s", problem)
+        for m in rp.matches:
+            SITE_OF.pop(m.module, None)
+        if _PATCHES.get(rp.root) is self:
+            del _PATCHES[rp.root]
+
+    def __enter__(self) -> "Patch":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        state = "removed" if self.removed else f"{len(self.routed_sites)} routed sites"
+        return f"<attnpatch.Patch {state}, backend={self.settings.backend!r}>"
+
+
+@dataclass
+class ReportRow:
+    site: Site
+    calls: Dict[str, int]
+    fallbacks: Dict[Tuple[str, str, str], int]
+    traced: List[str]
+
+
+@dataclass
+class Report:
+    rows: List[ReportRow]
+    recipe: Optional[str] = None
+
+    def as_dicts(self) -> List[Dict[str, Any]]:
+        out = []
+        for r in self.rows:
+            d = r.site.as_dict()
+            d["calls"] = r.calls
+            d["fallbacks"] = [{"from": a, "to": b, "reason": why, "calls": n} for (a, b, why), n in r.fallbacks.items()]
+            d["compiled"] = r.traced
+            out.append(d)
+        return out
+
+    def __str__(self) -> str:
+        head = f"recipe: {self.recipe}\n" if self.recipe else ""
+        lines = []
+        for r in self.rows:
+            s = r.site
+            ran = ", ".join(f"{n}×{c}" for n, c in sorted(r.calls.items())) or "not called"
+            if r.traced:
+                ran += f" (compiled: {', '.join(r.traced)})"
+            if not s.routed:
+                ran = f"NOT ROUTED: {s.note}"
+            lines.append(f"{s.path or '<root>'} [{s.adapter}, {s.kind}] -> {ran}")
+            for (a, b, why), n in sorted(r.fallbacks.items()):
+                lines.append(f"    fell back {a} -> {b} ×{n}: {why}")
+        return head + "\n".join(lines)
+
+
+# -- apply / remove ----------------------------------------------------------------------------------
+
+def _site_scope(site: Site, settings: Settings, names, source: str) -> Scope:
+    return Scope(backends=names, strict=settings.strict, allow_lossy=settings.allow_lossy, source=source, site=site)
+
+
+def apply(target, backend: Union[str, Sequence[str]] = "auto", recipe=None, allow_lossy: bool = False,
+          strict: bool = False) -> Patch:
+    """Route every attention call of ``target`` through `attnpatch.attention_forward`.
+
+    ``target`` is a torch.nn.Module (diffusers, transformers, DiffSynth, timm or hand-written), a
+    diffusers pipeline (every nn.Module component is patched) or a list of these. ``backend`` is a
+    name or a priority list, as in the router; "auto" picks per call. ``strict=True`` raises instead of
+    falling back; ``allow_lossy=True`` lets auto use lossy kernels for these sites. Only this target is
+    affected: other models and torch.nn.functional are untouched. Applying again to the same target
+    updates the settings (it never wraps twice). Returns the `Patch` handle.
+    """
+    if not isinstance(strict, bool) or not isinstance(allow_lossy, bool):
+        raise TypeError("attnpatch.apply: strict and allow_lossy must be bools")
+    names = controls.normalise_backends(backend, "attnpatch.apply(backend=...)")
+    if names is None:
+        raise ValueError("attnpatch.apply: backend=None is not allowed; use 'auto' or a backend name")
+    if recipe not in (None, False):
+        from . import recipes  # wired by the recipes module when present
+
+        return recipes.apply_with_recipe(target, backend=backend, recipe=recipe, allow_lossy=allow_lossy,
+                                         strict=strict)
+    settings = Settings(backend=backend if isinstance(backend, str) else tuple(backend), strict=strict,
+                        allow_lossy=allow_lossy, recipe=recipe)
+    roots = _components(target)
+    source = "apply()"
+    with _LOCK:
+        existing = [_PATCHES.get(m) for _, m in roots]
+        if all(p is not None for p in existing) and len({id(p) for p in existing}) == 1:
+            patch = existing[0]
+            patch.update(backend, strict=strict, allow_lossy=allow_lossy)
+            return patch
+        for (_, m), p in zip(roots, existing):  # partly patched by another apply: start over for those
+            if p is not None:
+                p._remove_roots_of([m])
+        patch = Patch(settings)
+        try:
+            for comp, root in roots:
+                patch._roots.append(_patch_root(patch, comp, root,
+                                                lambda site: _site_scope(site, settings, names, source)))
+        except BaseException:
+            patch.remove()
+            raise
+        routed = len(patch.routed_sites)
+        unrouted = [s for s in patch.sites if not s.routed]
+        logger.info("attnpatch.apply: %d attention sites routed in %s", routed, type(target).__name__)
+        for s in unrouted:
+            logger.warning("attnpatch.apply: %s (%s) is not routed: %s", s.path, s.module_class, s.note)
+        return patch
+
+
+def _patch_root(patch: Patch, component: str, root: torch.nn.Module, scope_for: Callable[[Site], Scope]) -> _RootPatch:
+    undo = UndoLog()
+    rp = _RootPatch(component, root, [], [], undo)
+    claimed: Dict[int, Tuple[Adapter, SiteMatch]] = {}
+    order: List[int] = []
+    for adapter in adapters():
+        if not adapter.available():
+            continue
+        for m in adapter.find_sites(root, component):
+            key = id(m.module)
+            if key in claimed or _inside_claimed(m.path, claimed):
+                continue
+            claimed[key] = (adapter, m)
+            order.append(key)
+    by_adapter: Dict[int, List[SiteMatch]] = {}
+    for key in order:
+        adapter, m = claimed[key]
+        by_adapter.setdefault(id(adapter), []).append(m)
+    for adapter in adapters():
+        ms = by_adapter.get(id(adapter))
+        if ms:
+            adapter.patch_root(root, [m for m in ms if m.routed], undo)
+    for key in order:
+        adapter, m = claimed[key]
+        site = Site(path=m.path, adapter=adapter.NAME, kind=m.kind, heads=m.heads, kv_heads=m.kv_heads,
+                    head_dim=m.head_dim, module_class=type(m.module).__name__, routed=m.routed, note=m.note,
+                    component=component)
+        site.scope = scope_for(site)
+        site.rule = site.scope.source
+        if m.routed:
+            adapter.patch_site(m, site, undo)
+            SITE_OF[m.module] = site
+        rp.sites.append(site)
+        rp.matches.append(m)
+        rp.adapters[id(m.module)] = adapter
+    _PATCHES[root] = patch
+    return rp
+
+
+def _inside_claimed(path: str, claimed) -> bool:
+    for _, m in claimed.values():
+        if m.routed and m.path and path.startswith(m.path + "."):
+            return True
+    return False
+
+
+def _remove_roots_of(self: Patch, modules: List[torch.nn.Module]) -> None:
+    with _LOCK:
+        keep = []
+        for rp in self._roots:
+            if any(rp.root is m for m in modules):
+                self._remove_root(rp)
+            else:
+                keep.append(rp)
+        self._roots = keep
+        if not keep:
+            self.removed = True
+
+
+Patch._remove_roots_of = _remove_roots_of
+
+
+def remove(target) -> int:
+    """Undo attnpatch's changes to ``target`` (a module, pipeline or list). Returns how many roots were
+    restored (0 when the target was not patched)."""
+    roots = _components(target)
+    n = 0
+    with _LOCK:
+        for _, m in roots:
+            p = _PATCHES.get(m)
+            if p is not None:
+                p._remove_roots_of([m])
+                n += 1
+    return n
+
+
+def patch_of(module: torch.nn.Module) -> Optional[Patch]:
+    """The Patch that patched ``module`` (a root), or None."""
+    return _PATCHES.get(module)
+
+
+@contextlib.contextmanager
+def patched(target, backend: Union[str, Sequence[str]] = "auto", recipe=None, allow_lossy: bool = False,
+            strict: bool = False) -> Iterator[Patch]:
+    """``with attnpatch.patched(model, backend=...) as patch:`` — apply on entry, remove on exit (also
+    on error). If the target was already patched, its earlier settings come back on exit instead."""
+    roots = [m for _, m in _components(target)]
+    before = {id(_PATCHES.get(m)) for m in roots}
+    earlier = _PATCHES.get(roots[0]) if len(before) == 1 and None not in [_PATCHES.get(m) for m in roots] else None
+    saved = earlier.settings if earlier is not None else None
+    saved_scopes = [(s, s.scope) for s in earlier.sites] if earlier is not None else []
+    p = apply(target, backend=backend, recipe=recipe, allow_lossy=allow_lossy, strict=strict)
+    try:
+        yield p
+    finally:
+        if earlier is not None and p is earlier:  # it was patched before: restore its settings
+            with _LOCK:
+                earlier.settings = saved
+                for site, scope in saved_scopes:
+                    site.scope = scope
+        else:
+            p.remove()

@@ -1,0 +1,133 @@
+"""Scoped redirection of attention calls: a copy of a function whose global names resolve to
+attnpatch's replacements, for one patched site only.
+
+`rebind(fn, replacements)` returns a new function with ``fn``'s code, defaults and closure, and a
+copy of its module's globals in which some names are replaced (e.g. ``F`` by a proxy of
+torch.nn.functional whose ``scaled_dot_product_attention`` is the site's router call). The original
+function, its module and torch.nn.functional are untouched; only code that attnpatch installed on a
+patched module or processor runs the copy.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Callable, Dict, Optional
+
+import torch
+import torch.nn.functional as F
+
+_SDPA = F.scaled_dot_product_attention
+
+
+class _ProxyModule(types.ModuleType):
+    """A module object that serves ``overrides`` and falls back to ``real`` for everything else."""
+
+    def __init__(self, real: types.ModuleType, overrides: Dict[str, object]):
+        super().__init__(real.__name__, getattr(real, "__doc__", None))
+        self.__dict__.update({k: v for k, v in real.__dict__.items() if k not in ("__getattr__",)})
+        self.__dict__.update(overrides)
+        self.__dict__["_attnpatch_real"] = real
+
+    def __getattr__(self, name):
+        return getattr(self.__dict__["_attnpatch_real"], name)
+
+
+def functional_proxy(sdpa: Callable) -> types.ModuleType:
+    """torch.nn.functional with ``scaled_dot_product_attention`` replaced by ``sdpa``."""
+    return _ProxyModule(F, {"scaled_dot_product_attention": sdpa})
+
+
+def torch_proxy(functional: types.ModuleType) -> types.ModuleType:
+    """torch with ``torch.nn.functional`` replaced by ``functional`` (for code that writes
+    ``torch.nn.functional.scaled_dot_product_attention``)."""
+    nn = _ProxyModule(torch.nn, {"functional": functional})
+    return _ProxyModule(torch, {"nn": nn})
+
+
+def sdpa_replacements(fn: Callable, sdpa: Callable, extra: Optional[Dict[str, object]] = None) -> Dict[str, object]:
+    """The global names of ``fn`` that lead to F.scaled_dot_product_attention, mapped to replacements:
+    the torch.nn.functional module (any alias), the function itself (``from ... import``), and torch."""
+    g = fn.__globals__
+    names = set(fn.__code__.co_names)
+    out: Dict[str, object] = {}
+    functional = None
+    for name in names:
+        value = g.get(name)
+        if value is F:
+            functional = functional or functional_proxy(sdpa)
+            out[name] = functional
+        elif value is _SDPA:
+            out[name] = sdpa
+        elif value is torch and "nn" in names:
+            functional = functional or functional_proxy(sdpa)
+            out[name] = torch_proxy(functional)
+    if extra:
+        for name, value in extra.items():
+            if name in names:
+                out[name] = value
+    return out
+
+
+def calls_sdpa(fn: Callable) -> bool:
+    """True when ``fn``'s own code names scaled_dot_product_attention (F.…, torch.nn.functional.… or
+    an imported alias of the function)."""
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        return False
+    if "scaled_dot_product_attention" in code.co_names:
+        return True
+    return any(fn.__globals__.get(n) is _SDPA for n in code.co_names)
+
+
+def rebind(fn: Callable, replacements: Dict[str, object]) -> Callable:
+    """A copy of plain function ``fn`` whose globals have ``replacements`` applied."""
+    if isinstance(fn, types.MethodType):
+        raise TypeError("rebind expects a plain function (use type(obj).method), got a bound method")
+    g = dict(fn.__globals__)
+    g.update(replacements)
+    new = types.FunctionType(fn.__code__, g, fn.__name__, fn.__defaults__, fn.__closure__)
+    new.__kwdefaults__ = fn.__kwdefaults__
+    new.__dict__.update(fn.__dict__)
+    new.__qualname__ = fn.__qualname__
+    new.__module__ = fn.__module__
+    new.__doc__ = fn.__doc__
+    new.__wrapped__ = fn
+    new.__annotations__ = fn.__annotations__
+    return new
+
+
+_warned_ranks: set = set()
+
+
+def sdpa_for_site(site) -> Callable:
+    """A drop-in for F.scaled_dot_product_attention that routes this site's calls to the router.
+
+    Keeps SDPA's semantics: a 2-D mask is (s_q, s_kv); 3-D inputs are (heads, seq, dim) without batch.
+    Inputs of other ranks go to torch's own SDPA and are logged once per site (not silently)."""
+    from . import router
+
+    route = router.route
+
+    def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
+                                     scale=None, enable_gqa=False):
+        if query.dim() == 4 and key.dim() == 4:
+            if attn_mask is not None and attn_mask.dim() == 2:
+                attn_mask = attn_mask[None, None]
+            return route(site.scope, query, key, value, "bnsd", attn_mask, is_causal, scale, dropout_p, None)
+        if query.dim() == 3 and key.dim() == 3:
+            if attn_mask is not None:
+                attn_mask = attn_mask[None] if attn_mask.dim() == 3 else attn_mask[None, None] if attn_mask.dim() == 2 else attn_mask
+            return route(site.scope, query[None], key[None], value[None], "bnsd", attn_mask, is_causal, scale,
+                         dropout_p, None)[0]
+        key_ = (id(site), query.dim())
+        if key_ not in _warned_ranks:
+            _warned_ranks.add(key_)
+            import logging
+
+            logging.getLogger("attnpatch").warning(
+                "attnpatch: %s called scaled_dot_product_attention with %d-D inputs; attnpatch routes 3-D "
+                "and 4-D calls, so this one runs on torch's SDPA", getattr(site, "path", site), query.dim())
+        kw = {"enable_gqa": enable_gqa} if enable_gqa else {}
+        return _SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **kw)
+
+    return scaled_dot_product_attention
