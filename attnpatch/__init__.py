@@ -6,6 +6,7 @@ Public names only; each lives in the module its name points to:
 * `backends`, `register_backend`, `unregister_backend`, `Backend` — `attnpatch.registry`
 * `use_backend`, `reload_env` — `attnpatch.controls`
 * `apply`, `remove`, `patched`, `Patch`, `Site` — `attnpatch.patch` (adapters: ``attnpatch.adapters``)
+* `step`, `current_step`, `RecipeError` — `attnpatch.recipes` (the recipe format and step schedules)
 
 Note: ``attnpatch.backends`` is the function that lists backends; the backend modules themselves are
 imported as ``from attnpatch.backends.sdpa import SdpaBackend``.
@@ -21,6 +22,7 @@ from .controls import reload_env, use_backend
 from .registry import Backend, BackendInfo, register_backend, unregister_backend
 from .router import BackendUnsupportedError, Explanation, Stats, attention_forward, clear_cache, explain, stats
 from .patch import Patch, Site, apply, patched, remove
+from .recipes import RecipeError, current_step, step
 
 _backends_pkg.register_builtin()
 
@@ -51,5 +53,5 @@ def backends() -> List[BackendInfo]:
 __all__ = [
     "attention_forward", "explain", "stats", "backends", "register_backend", "unregister_backend",
     "use_backend", "reload_env", "clear_cache", "apply", "remove", "patched", "Patch", "Site", "Backend", "BackendInfo", "BackendUnsupportedError", "Call",
-    "Explanation", "Stats", "__version__",
+    "Explanation", "Stats", "step", "current_step", "RecipeError", "__version__",
 ]

@@ -185,7 +185,8 @@ def tensor_meta(query, key, value, attn_mask) -> tuple:
     mask = None
     if attn_mask is not None:
         if not isinstance(attn_mask, torch.Tensor):
-            _fail(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
+            raise TypeError(f"attnpatch.attention_forward: attn_mask must be a torch.Tensor or None, "
+                            f"got {type(attn_mask).__name__}")
         mask = (tuple(int(x) for x in attn_mask.shape), attn_mask.dtype, attn_mask.device)
     return (
         tuple(int(x) for x in query.shape), tuple(int(x) for x in key.shape),

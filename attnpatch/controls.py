@@ -78,6 +78,20 @@ def normalise_backends(spec: BackendSpec, source: str) -> Optional[Tuple[str, ..
     return tuple(dict.fromkeys(names))
 
 
+_INTERNED: dict = {}
+
+
+def _interned(names, strict, allow_lossy) -> Scope:
+    """One Scope object per distinct use_backend() setting: the router caches decisions per scope
+    object (identity hashing keeps the hot path cheap), so re-entering the same block reuses them."""
+    key = (names, strict, allow_lossy)
+    scope = _INTERNED.get(key)
+    if scope is None:
+        scope = _INTERNED.setdefault(key, Scope(backends=names, strict=strict, allow_lossy=allow_lossy,
+                                                source="use_backend()"))
+    return scope
+
+
 @contextlib.contextmanager
 def use_backend(backend: BackendSpec = None, *, strict: Optional[bool] = None,
                 allow_lossy: Optional[bool] = None) -> Iterator[Scope]:
@@ -97,11 +111,10 @@ def use_backend(backend: BackendSpec = None, *, strict: Optional[bool] = None,
         names = outer.backends if outer is not None else None
     else:
         names = normalise_backends(backend, "use_backend()")
-    scope = Scope(
-        backends=names,
-        strict=strict if strict is not None else (outer.strict if outer else None),
-        allow_lossy=allow_lossy if allow_lossy is not None else (outer.allow_lossy if outer else None),
-        source="use_backend()",
+    scope = _interned(
+        names,
+        strict if strict is not None else (outer.strict if outer else None),
+        allow_lossy if allow_lossy is not None else (outer.allow_lossy if outer else None),
     )
     token = _CONTEXT.set(scope)
     try:

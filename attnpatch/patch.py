@@ -61,6 +61,16 @@ class Site:
     component: str = ""
     scope: Optional[Scope] = None
     rule: str = ""  # which recipe rule (or "apply()") set the scope
+    #: reason -> calls the adapter could not route and sent to the library's own code (report() shows them)
+    bypassed: Counter = field(default_factory=Counter)
+
+    def record_bypass(self, reason: str) -> None:
+        """Count one call of this site that its adapter ran on the library's own code instead of the
+        router (e.g. diffusers' context parallelism); warns once per (site, reason). Never silent."""
+        if reason not in self.bypassed:
+            logger.warning("attnpatch: a call of %s was not routed and ran the library's own code: %s "
+                           "(shown once; Patch.report() counts them)", self.path or "<root>", reason)
+        self.bypassed[reason] += 1
 
     def counts(self) -> Tuple[Counter, Counter]:
         """(calls per backend, fallbacks per (refused backend, used backend, reason)) for this site."""
@@ -78,7 +88,7 @@ class Site:
             "path": self.path, "adapter": self.adapter, "kind": self.kind, "heads": self.heads,
             "kv_heads": self.kv_heads, "head_dim": self.head_dim, "module_class": self.module_class,
             "routed": self.routed, "note": self.note, "rule": self.rule,
-            "backend": describe_scope(self.scope),
+            "backend": describe_scope(self.scope), "bypassed": dict(self.bypassed),
         }
 
 
@@ -239,7 +249,7 @@ def _load_builtin_adapters() -> None:
 
 
 #: Adapter modules shipped in ``attnpatch.adapters`` (fixed names; nothing from user input).
-BUILTIN_ADAPTERS = ("torch_sdpa",)  # + "diffusers", "transformers", "diffsynth" as they land
+BUILTIN_ADAPTERS = ("diffusers", "transformers", "diffsynth", "torch_sdpa")
 
 
 # -- targets ------------------------------------------------------------------------------------------
@@ -294,6 +304,12 @@ class Patch:
         self._roots: List[_RootPatch] = []
         self.removed = False
         self.recipe_name: Optional[str] = None
+        #: pipeline components a recipe left alone (not patched at all), for the report.
+        self.left_alone: List[str] = []
+        #: a recipe's step schedule (`attnpatch.recipes.StepSchedule`), or None.
+        self.schedule = None
+        #: changes outside the patched roots (e.g. a pipeline scheduler's step tracking).
+        self._undo_extra = UndoLog()
 
     @property
     def sites(self) -> List[Site]:
@@ -313,11 +329,15 @@ class Patch:
             calls, fallbacks = s.counts()
             traced = sorted(name for (site, name) in compiled if site is s)
             rows.append(ReportRow(s, dict(calls), dict(fallbacks), traced))
-        return Report(rows, self.recipe_name)
+        notes = [f"left alone (not patched): {', '.join(self.left_alone)}"] if self.left_alone else []
+        return Report(rows, self.recipe_name, notes)
 
     def update(self, backend=None, *, strict: Optional[bool] = None, allow_lossy: Optional[bool] = None) -> "Patch":
-        """Change the settings of every site of this patch in place (no re-patching)."""
+        """Change the settings of every site of this patch in place (no re-patching). A recipe's step
+        schedule stops switching scopes from then on (the new settings hold for every step)."""
         with _LOCK:
+            if self.schedule is not None:
+                self.schedule.active = False
             s = self.settings
             names = controls.normalise_backends(backend, "Patch.update(backend=...)") if backend is not None else None
             new = Settings(backend=backend if backend is not None else s.backend,
@@ -338,10 +358,17 @@ class Patch:
         with _LOCK:
             if self.removed:
                 return
+            self._undo_extras()
             for rp in reversed(self._roots):
                 self._remove_root(rp)
             self._roots.clear()
             self.removed = True
+
+    def _undo_extras(self) -> None:
+        if self.schedule is not None:
+            self.schedule.active = False
+        for problem in self._undo_extra.undo():
+            logger.warning("attnpatch.remove: %s", problem)
 
     def _remove_root(self, rp: _RootPatch) -> None:
         for problem in rp.undo.undo():
@@ -374,6 +401,7 @@ class ReportRow:
 class Report:
     rows: List[ReportRow]
     recipe: Optional[str] = None
+    notes: List[str] = field(default_factory=list)
 
     def as_dicts(self) -> List[Dict[str, Any]]:
         out = []
@@ -387,6 +415,7 @@ class Report:
 
     def __str__(self) -> str:
         head = f"recipe: {self.recipe}\n" if self.recipe else ""
+        head += "".join(n + "\n" for n in self.notes)
         lines = []
         for r in self.rows:
             s = r.site
@@ -398,6 +427,8 @@ class Report:
             lines.append(f"{s.path or '<root>'} [{s.adapter}, {s.kind}] -> {ran}")
             for (a, b, why), n in sorted(r.fallbacks.items()):
                 lines.append(f"    fell back {a} -> {b} ×{n}: {why}")
+            for why, n in sorted(s.bypassed.items()):
+                lines.append(f"    not routed ×{n} (ran the library's own code): {why}")
         return head + "\n".join(lines)
 
 
@@ -417,49 +448,72 @@ def apply(target, backend: Union[str, Sequence[str]] = "auto", recipe=None, allo
     falling back; ``allow_lossy=True`` lets auto use lossy kernels for these sites. Only this target is
     affected: other models and torch.nn.functional are untouched. Applying again to the same target
     updates the settings (it never wraps twice). Returns the `Patch` handle.
+
+    ``recipe`` is a shipped recipe's name (``"flux"``), a path to a ``.yaml`` file, a dict or a
+    `attnpatch.recipes.Recipe`: its rules give each site its backend (see `attnpatch.recipes`). With
+    ``recipe=None`` and ``backend="auto"``, a shipped recipe that matches the model is used (the report
+    names it); ``recipe=False`` never uses one.
     """
     if not isinstance(strict, bool) or not isinstance(allow_lossy, bool):
         raise TypeError("attnpatch.apply: strict and allow_lossy must be bools")
     names = controls.normalise_backends(backend, "attnpatch.apply(backend=...)")
     if names is None:
         raise ValueError("attnpatch.apply: backend=None is not allowed; use 'auto' or a backend name")
-    if recipe not in (None, False):
-        from . import recipes  # wired by the recipes module when present
+    if recipe is not False:
+        from . import recipes
 
         return recipes.apply_with_recipe(target, backend=backend, recipe=recipe, allow_lossy=allow_lossy,
                                          strict=strict)
     settings = Settings(backend=backend if isinstance(backend, str) else tuple(backend), strict=strict,
-                        allow_lossy=allow_lossy, recipe=recipe)
+                        allow_lossy=allow_lossy, recipe=None)
+    return apply_scoped(target, settings, lambda site: _site_scope(site, settings, names, "apply()"))
+
+
+def apply_scoped(target, settings: Settings, scope_for: Callable[[Site], Optional[Scope]], *,
+                 skip_components: Sequence[str] = (), finish: Optional[Callable[[Patch], None]] = None) -> Patch:
+    """Patch ``target`` giving each site the scope ``scope_for(site)`` returns (None: leave the site
+    alone). Components named in ``skip_components`` are not patched at all. ``finish(patch)`` runs
+    before the patch is returned (an exception there undoes everything). A target already patched
+    without a recipe, and patched again without one, is updated in place; otherwise the old patch is
+    removed first, so nothing is ever wrapped twice."""
     roots = _components(target)
-    source = "apply()"
     with _LOCK:
         existing = [_PATCHES.get(m) for _, m in roots]
-        if all(p is not None for p in existing) and len({id(p) for p in existing}) == 1:
+        if (settings.recipe is None and all(p is not None for p in existing)
+                and len({id(p) for p in existing}) == 1 and existing[0].settings.recipe is None):
             patch = existing[0]
-            patch.update(backend, strict=strict, allow_lossy=allow_lossy)
+            patch.update(settings.backend, strict=settings.strict, allow_lossy=settings.allow_lossy)
             return patch
-        for (_, m), p in zip(roots, existing):  # partly patched by another apply: start over for those
+        for (_, m), p in zip(roots, existing):  # patched before by another apply: start over for those
             if p is not None:
                 p._remove_roots_of([m])
         patch = Patch(settings)
         try:
             for comp, root in roots:
-                patch._roots.append(_patch_root(patch, comp, root,
-                                                lambda site: _site_scope(site, settings, names, source)))
+                if comp and comp in skip_components:
+                    patch.left_alone.append(comp)
+                    continue
+                patch._roots.append(_patch_root(patch, comp, root, scope_for))
+            if finish is not None:
+                finish(patch)
         except BaseException:
             patch.remove()
             raise
         routed = len(patch.routed_sites)
-        unrouted = [s for s in patch.sites if not s.routed]
+        unrouted = [s for s in patch.sites if not s.routed and not s.note.startswith(LEFT_ALONE)]
         logger.info("attnpatch.apply: %d attention sites routed in %s", routed, type(target).__name__)
         for s in unrouted:
             logger.warning("attnpatch.apply: %s (%s) is not routed: %s", s.path, s.module_class, s.note)
         return patch
 
 
-def _patch_root(patch: Patch, component: str, root: torch.nn.Module, scope_for: Callable[[Site], Scope]) -> _RootPatch:
-    undo = UndoLog()
-    rp = _RootPatch(component, root, [], [], undo)
+#: How a site that a recipe excluded is marked in ``Site.note`` (it is reported, not routed).
+LEFT_ALONE = "left alone"
+
+
+def _find_matches(root: torch.nn.Module, component: str) -> List[Tuple[Adapter, SiteMatch]]:
+    """Every site the adapters claim under ``root``, in walk order (an inner site of a claimed one is
+    never claimed again)."""
     claimed: Dict[int, Tuple[Adapter, SiteMatch]] = {}
     order: List[int] = []
     for adapter in adapters():
@@ -471,22 +525,48 @@ def _patch_root(patch: Patch, component: str, root: torch.nn.Module, scope_for: 
                 continue
             claimed[key] = (adapter, m)
             order.append(key)
-    by_adapter: Dict[int, List[SiteMatch]] = {}
-    for key in order:
-        adapter, m = claimed[key]
-        by_adapter.setdefault(id(adapter), []).append(m)
+    return [claimed[k] for k in order]
+
+
+def _new_site(adapter: Adapter, m: SiteMatch, component: str) -> Site:
+    return Site(path=m.path, adapter=adapter.NAME, kind=m.kind, heads=m.heads, kv_heads=m.kv_heads,
+                head_dim=m.head_dim, module_class=type(m.module).__name__, routed=m.routed, note=m.note,
+                component=component)
+
+
+def discover(target) -> List[Site]:
+    """The attention sites `apply` would patch in ``target``, without patching anything (their
+    ``scope`` is None). For `attnpatch inspect` and recipe checks."""
+    out = []
+    for comp, root in _components(target):
+        for adapter, m in _find_matches(root, comp):
+            out.append(_new_site(adapter, m, comp))
+    return out
+
+
+def _patch_root(patch: Patch, component: str, root: torch.nn.Module,
+                scope_for: Callable[[Site], Optional[Scope]]) -> _RootPatch:
+    undo = UndoLog()
+    rp = _RootPatch(component, root, [], [], undo)
+    found = _find_matches(root, component)
+    sites = []
+    for adapter, m in found:
+        site = _new_site(adapter, m, component)
+        scope = scope_for(site)
+        if scope is None:  # a recipe leaves this site alone: reported, not patched
+            site.routed = False
+            site.rule = site.rule or "exclude"
+            site.note = f"{LEFT_ALONE} by {site.rule}" if m.routed else site.note
+        else:
+            site.scope = scope
+            site.rule = scope.source
+        sites.append(site)
     for adapter in adapters():
-        ms = by_adapter.get(id(adapter))
+        ms = [m for (a, m), site in zip(found, sites) if a is adapter and site.routed]
         if ms:
-            adapter.patch_root(root, [m for m in ms if m.routed], undo)
-    for key in order:
-        adapter, m = claimed[key]
-        site = Site(path=m.path, adapter=adapter.NAME, kind=m.kind, heads=m.heads, kv_heads=m.kv_heads,
-                    head_dim=m.head_dim, module_class=type(m.module).__name__, routed=m.routed, note=m.note,
-                    component=component)
-        site.scope = scope_for(site)
-        site.rule = site.scope.source
-        if m.routed:
+            adapter.patch_root(root, ms, undo)
+    for (adapter, m), site in zip(found, sites):
+        if site.routed:
             adapter.patch_site(m, site, undo)
             SITE_OF[m.module] = site
         rp.sites.append(site)
@@ -513,6 +593,7 @@ def _remove_roots_of(self: Patch, modules: List[torch.nn.Module]) -> None:
                 keep.append(rp)
         self._roots = keep
         if not keep:
+            self._undo_extras()
             self.removed = True
 
 

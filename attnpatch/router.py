@@ -16,7 +16,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from . import controls, registry
+from . import autotune, controls, registry
 import dataclasses
 
 from .call import Call, build_call, call_from_meta, tensor_meta
@@ -44,7 +44,7 @@ class Decision:
     """Which backend serves a call signature, and why."""
 
     backend: registry.Backend
-    source: str  # "backend= argument", "use_backend()", a patch/recipe label, "ATTNPATCH_BACKEND", "auto"
+    source: str  # "backend= argument", "use_backend()", a patch/recipe label, "ATTNPATCH_BACKEND", "auto (how)"
     requested: Tuple[str, ...] = ()
     fallback: Tuple[Tuple[str, str], ...] = ()  # (refused backend, joined reasons) when it fell back
     reasons: Dict[str, List[str]] = field(default_factory=dict)  # every backend considered -> reasons
@@ -65,6 +65,7 @@ class Plan:
 
 _PLANS: Dict[tuple, Plan] = {}
 _DECISIONS: Dict[tuple, Decision] = {}
+_TRACED_DECISIONS: Dict[tuple, Decision] = {}  # decided while torch.compile traced
 _LOCK = threading.RLock()
 _RETIRED: Counter = Counter()  # (site, backend name, fallback) -> calls of plans no longer cached
 _WARNED: set = set()
@@ -126,17 +127,23 @@ def _auto_candidates(call: Call) -> List[registry.Backend]:
 
 
 def _auto_choose(call: Call, env, allow_lossy: bool, reasons: Dict[str, List[str]], full: bool):
-    chosen = None
+    """Auto's pick: (backend or None, how it was chosen). With more than one eligible backend and
+    autotune on, `autotune.choose` picks by measured speed; otherwise the static table's first."""
+    tune = autotune.applies(call, env)
+    eligible = []
     for b in _auto_candidates(call):
         r = _reasons_for(b, call, env)
         if not r and b.LOSSY and not allow_lossy:
             r = ["lossy kernel: auto picks it only with allow_lossy=True (use_backend, apply) or ATTNPATCH_ALLOW_LOSSY=1"]
         reasons[b.NAME] = r
-        if not r and chosen is None:
-            chosen = b
-            if not full:
+        if not r:
+            eligible.append(b)
+            if not (full or tune):
                 break
-    return chosen
+    if not eligible:
+        return None, ""
+    picked = autotune.choose(call, eligible) if tune and len(eligible) > 1 else None
+    return picked if picked is not None else (eligible[0], "static table")
 
 
 def _format_error(headline: str, call: Call, reasons: Dict[str, List[str]], hint: str) -> str:
@@ -155,7 +162,7 @@ def decide(call: Call, arg_names, ctx: Optional[Scope], site: Optional[Scope], f
     names, source, strict, allow_lossy = _resolve(arg_names, ctx, site, env)
     reasons: Dict[str, List[str]] = {}
     if names == AUTO:
-        chosen = _auto_choose(call, env, allow_lossy, reasons, full)
+        chosen, how = _auto_choose(call, env, allow_lossy, reasons, full)
         if chosen is None:
             raise BackendUnsupportedError(
                 _format_error("attnpatch: no attention backend can serve this call.", call, reasons,
@@ -163,7 +170,7 @@ def decide(call: Call, arg_names, ctx: Optional[Scope], site: Optional[Scope], f
                 call, reasons)
         if full:
             _fill_rest(call, env, reasons)
-        return Decision(chosen, source, (), (), reasons)
+        return Decision(chosen, f"{source} ({how})", (), (), reasons)
     chosen = None
     for name in names:
         b = registry.get_backend(name)
@@ -185,7 +192,7 @@ def decide(call: Call, arg_names, ctx: Optional[Scope], site: Optional[Scope], f
                           "each one's reasons), or turn strict off to fall back."),
             call, refused)
     auto_reasons: Dict[str, List[str]] = {}
-    chosen = _auto_choose(call, env, allow_lossy, auto_reasons, full)
+    chosen, _how = _auto_choose(call, env, allow_lossy, auto_reasons, full)
     if chosen is None:
         raise BackendUnsupportedError(
             _format_error("attnpatch: no attention backend can serve this call.", call, {**refused, **auto_reasons}, ""),
@@ -264,6 +271,7 @@ def clear_cache() -> None:
     with _LOCK:
         _clear_plans()
         _DECISIONS.clear()
+        _TRACED_DECISIONS.clear()
 
 
 registry.on_registry_change(clear_cache)
@@ -329,15 +337,20 @@ def route(site: Optional[Scope], query, key, value, layout="bnsd", attn_mask=Non
     recipe rule and report), passed explicitly so that compiled graphs need no context variable."""
     if torch.compiler.is_compiling():
         return _traced_forward(site, query, key, value, layout, attn_mask, is_causal, scale, dropout_p, backend)
-    grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
-    cache_key = (
-        query.shape, key.shape, value.shape, query.dtype, key.dtype, value.dtype, query.device,
-        None if attn_mask is None else (attn_mask.shape, attn_mask.dtype),
-        layout, is_causal, dropout_p, grad,
-        backend if backend is None or backend.__class__ is str else tuple(backend),
-        _CONTEXT.get(), site,
-    )
-    plan = _PLANS.get(cache_key)
+    try:
+        grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
+        cache_key = (
+            query.shape, key.shape, value.shape, query.dtype, key.dtype, value.dtype, query.device,
+            None if attn_mask is None else (attn_mask.shape, attn_mask.dtype),
+            layout, is_causal, dropout_p, grad,
+            backend if backend is None or backend.__class__ is str else tuple(backend),
+            _CONTEXT.get(), site,
+        )
+        plan = _PLANS.get(cache_key)
+    except (AttributeError, TypeError):  # a non-tensor, a bad backend= or an unhashable argument
+        build_call(query, key, value, layout, attn_mask, is_causal, scale, dropout_p, False)  # says which
+        _arg_names(backend)
+        raise
     if plan is None:
         plan = _miss(cache_key, query, key, value, layout, attn_mask, is_causal, scale, dropout_p, grad, backend)
     plan.calls += 1
@@ -358,10 +371,12 @@ def _compile_decision(meta, layout, is_causal, scale, dropout_p, grad, backend, 
     call, spec = call_from_meta(meta, layout, is_causal, scale, dropout_p, grad, compiling=True)
     arg_names = _arg_names(backend)
     dkey = (call.signature(), call.heads_q, call.heads_kv, arg_names, ctx, site, controls.env_settings())
-    decision = _DECISIONS.get(dkey)
+    decision = _DECISIONS.get(dkey) or _TRACED_DECISIONS.get(dkey)
     if decision is None:
+        # Kept apart from _DECISIONS: a choice made while tracing is static (autotune never times
+        # under compile), and eager calls of the same signature should still get measured.
         decision = decide(call, arg_names, ctx, site)
-        _DECISIONS[dkey] = decision
+        _TRACED_DECISIONS[dkey] = decision
     _warn_fallback(decision)
     COMPILED_DECISIONS.add((site.site if site is not None else None, decision.backend.NAME))
     return decision.backend.NAME, tuple(getattr(call, f) for f in _CALL_FIELDS), spec

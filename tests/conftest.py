@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import attnpatch
-from attnpatch import controls
+from attnpatch import controls, router
 
 
 def pytest_collection_modifyitems(config, items):
@@ -24,6 +24,7 @@ def _clean_attnpatch_state(monkeypatch):
             monkeypatch.delenv(var, raising=False)
     controls.reload_env()
     attnpatch.stats(reset=True)
+    router._WARNED.clear()  # "warn once per (backend, reason)" is per process; tests each start fresh
     torch.manual_seed(0)
     yield
     for var in list(os.environ):

@@ -44,6 +44,7 @@ class EagerBackend(Backend):
     NAME = "eager"
     DESCRIPTION = "plain torch matmul-softmax-matmul (the seed's formula); the reference"
     SUPPORTS_DROPOUT = True
+    AUTOTUNE_TIMED = False  # never worth measuring: the slow reference
     AUTO_PRIORITY = {"cpu": 90, "cuda": 90}
     TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 

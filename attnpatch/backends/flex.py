@@ -10,6 +10,7 @@ slower than SDPA, so this backend always runs the compiled kernel, except inside
 from __future__ import annotations
 
 import threading
+import types
 from typing import List
 
 import torch
@@ -44,15 +45,23 @@ def _with_bool(q, k, v, keep, block_mask, scale, enable_gqa):
                                          enable_gqa=enable_gqa)
 
 
-def _compiled(fn):
-    """torch.compile each entry point once per process; torch re-specialises per shape family."""
-    c = _COMPILED.get(fn)
+def _compiled(fn, family: tuple):
+    """torch.compile ``fn`` once per shape family (dtype, device, head dims, GQA, causal).
+
+    Each family compiles its own copy of ``fn``'s code: dynamo counts recompiles per code object and,
+    past its limit (8), silently runs flex unfused, several times slower. With one copy per family, a
+    process that mixes dtypes and head dims keeps every family compiled; within a family the lengths
+    become dynamic after one recompile."""
+    key = (fn, family)
+    c = _COMPILED.get(key)
     if c is None:
         with _LOCK:
-            c = _COMPILED.get(fn)
+            c = _COMPILED.get(key)
             if c is None:
-                c = torch.compile(fn)
-                _COMPILED[fn] = c
+                code = fn.__code__.replace(co_name=f"{fn.__name__}_{len(_COMPILED)}")
+                copy = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
+                c = torch.compile(copy)
+                _COMPILED[key] = c
     return c
 
 
@@ -65,6 +74,7 @@ class FlexBackend(Backend):
     DESCRIPTION = "torch flex_attention, compiled (block-sparse causal, masks as score mods)"
     SUPPORTED_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32})
     SUPPORTS_DROPOUT = False
+    AUTOTUNE_TIMED = False  # never worth measuring: compiles before it runs, and auto ranks it behind SDPA
     AUTO_PRIORITY = {"cuda_sm90": 50, "cuda": 50}
     TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
@@ -79,6 +89,8 @@ class FlexBackend(Backend):
 
     def extra_reasons(self, call: Call) -> List[str]:
         reasons = []
+        if call.device_type == "cpu" and call.needs_grad:
+            reasons.append("gradients are needed but flex on CPU is forward-only (torch has no CPU backward)")
         if call.device_type == "cuda":
             if call.head_dim < 16 or call.head_dim_v < 16:
                 reasons.append(f"head_dim={call.head_dim}, value head_dim={call.head_dim_v} (flex on CUDA needs >= 16)")
@@ -95,9 +107,11 @@ class FlexBackend(Backend):
         kind = call.mask_kind
         full = (call.batch, call.heads_q, call.seq_q, call.seq_kv)
         compiling = call.compiling
-        plain = _plain if compiling else _compiled(_plain)
-        bias = _with_bias if compiling else _compiled(_with_bias)
-        boolean = _with_bool if compiling else _compiled(_with_bool)
+        family = (call.device_type, call.device_index, call.dtype, call.head_dim, call.head_dim_v, gqa,
+                  call.is_causal)
+        plain = _plain if compiling else _compiled(_plain, family)
+        bias = _with_bias if compiling else _compiled(_with_bias, family)
+        boolean = _with_bool if compiling else _compiled(_with_bool, family)
 
         if kind == "none":
             def run(q, k, v, m, c, s, p):

@@ -13,6 +13,7 @@ class SdpaBackend(SdpaFamily):
     KERNEL = None
     # On CUDA a GQA call with a mask would drop torch to the math kernel: the runner repeats the k/v
     # heads instead unless the call is flash-eligible (see NATIVE_GQA handling in _expand_gqa).
+    CUDA_BOOL_MASK_AS_ADDITIVE = True  # cuDNN gives non-zero fully masked rows for bool masks (see _sdpa_common)
     AUTO_PRIORITY = {"cpu": 10, "cuda": 10, "cuda_sm90": 40}
     TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 

@@ -13,5 +13,6 @@ class SdpaMathBackend(SdpaFamily):
     DESCRIPTION = "torch SDPA pinned to the math kernel (reference speed, every feature)"
     KERNEL = "MATH"
     NATIVE_GQA = True
+    AUTOTUNE_TIMED = False  # never worth measuring: the slow reference kernel
     AUTO_PRIORITY = {"cpu": 30, "cuda_sm90": 80, "cuda": 80}
     TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}

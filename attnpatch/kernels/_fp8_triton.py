@@ -16,18 +16,18 @@ import triton
 import triton.language as tl
 
 KV_BLOCK = 128
-LOG2_P_SCALE = 8.807354922057604  # log2(448)
-TINY = 2.0 ** -40
-SENTINEL = -1073741824  # below any int8*int8*d dot product (|.| <= 127*127*256 < 2**22)
+LOG2_P_SCALE = tl.constexpr(8.807354922057604)  # log2(448)
+TINY = tl.constexpr(2.0 ** -40)
+SENTINEL = tl.constexpr(-1073741824)  # below any int8*int8*d dot (|.| <= 127*127*256 < 2**22)
 
 
 # --------------------------------------------------------------------------- stats
 @triton.jit
-def _kv_stats_kernel(K, V, PART,
+def _kv_stats_kernel(K, V, KP, PART,
                      stride_kb, stride_kh, stride_ks, stride_kd,
-                     stride_vb, stride_vh, stride_vs, stride_vd,
+                     stride_vb, stride_vh, stride_vs, stride_vd, stride_kpb,
                      HKV, SKV, TOK_PER_SPLIT, NSPLIT,
-                     D: tl.constexpr, BS: tl.constexpr):
+                     D: tl.constexpr, BS: tl.constexpr, HAS_KP: tl.constexpr):
     split = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // HKV
@@ -40,11 +40,16 @@ def _kv_stats_kernel(K, V, PART,
     vsum = tl.zeros([BS, D], dtype=tl.float32)
     vmax = tl.full([BS, D], float("-inf"), dtype=tl.float32)
     vmin = tl.full([BS, D], float("inf"), dtype=tl.float32)
+    cnt = tl.zeros([BS], dtype=tl.float32)
     t0 = split * TOK_PER_SPLIT
     t1 = tl.minimum(t0 + TOK_PER_SPLIT, SKV)
     for s0 in range(t0, t1, BS):
         rows = s0 + offs_s
-        m = (rows < t1)[:, None]
+        rv = rows < t1
+        if HAS_KP:
+            rv = rv & (tl.load(KP + b * stride_kpb + rows, mask=rv, other=0) != 0)
+        m = rv[:, None]
+        cnt += rv.to(tl.float32)
         kk = tl.load(k_base + rows[:, None] * stride_ks + offs_d[None, :] * stride_kd,
                      mask=m, other=0.0).to(tl.float32)
         vv = tl.load(v_base + rows[:, None] * stride_vs + offs_d[None, :] * stride_vd,
@@ -53,11 +58,12 @@ def _kv_stats_kernel(K, V, PART,
         vsum += vv
         vmax = tl.maximum(vmax, tl.where(m, vv, float("-inf")))
         vmin = tl.minimum(vmin, tl.where(m, vv, float("inf")))
-    base = PART + (bh * NSPLIT + split) * 4 * D + offs_d
+    base = PART + (bh * NSPLIT + split) * 5 * D + offs_d
     tl.store(base, tl.sum(ksum, 0))
     tl.store(base + D, tl.sum(vsum, 0))
     tl.store(base + 2 * D, tl.max(vmax, 0))
     tl.store(base + 3 * D, tl.min(vmin, 0))
+    tl.store(base + 4 * D, tl.zeros([D], dtype=tl.float32) + tl.sum(cnt, 0))
 
 
 @triton.jit
@@ -100,12 +106,12 @@ def _quant_q_kernel(Q, Q8, QS, qmul,
 
 # ---------------------------------------------------------------------------- K, V
 @triton.jit
-def _quant_kv_kernel(K, V, PART, K8, KS, VT8, VS, VM,
+def _quant_kv_kernel(K, V, KP, PART, K8, KS, VT8, VS, VM,
                      stride_kb, stride_kh, stride_ks, stride_kd,
-                     stride_vb, stride_vh, stride_vs, stride_vd,
-                     HKV, SKV, SKV_PAD, NSPLIT, skv_f,
+                     stride_vb, stride_vh, stride_vs, stride_vd, stride_kpb,
+                     HKV, SKV, SKV_PAD, NSPLIT,
                      D: tl.constexpr, BN: tl.constexpr, NSPLIT_P2: tl.constexpr,
-                     QUANT_V: tl.constexpr):
+                     QUANT_V: tl.constexpr, HAS_KP: tl.constexpr):
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // HKV
@@ -114,13 +120,17 @@ def _quant_kv_kernel(K, V, PART, K8, KS, VT8, VS, VM,
     # ---- reduce the partial statistics of this (b, h)
     sp = tl.arange(0, NSPLIT_P2)
     pm = (sp < NSPLIT)[:, None]
-    pbase = PART + (bh * NSPLIT + sp[:, None]) * 4 * D + offs_d[None, :]
+    pbase = PART + (bh * NSPLIT + sp[:, None]) * 5 * D + offs_d[None, :]
     ksum = tl.sum(tl.load(pbase, mask=pm, other=0.0), 0)
-    km = tl.math.div_rn(ksum, tl.full([D], 1.0, tl.float32) * skv_f)
-    km = _round_to_bf16(km)
+    cnt = tl.sum(tl.load(pbase + 4 * D, mask=pm, other=0.0), 0)
+    cnt_safe = tl.maximum(cnt, 1.0)
+    km = _round_to_bf16(tl.math.div_rn(ksum, cnt_safe))
     # ---- K block: smooth, int8 per block
     rows = pid * BN + tl.arange(0, BN)
-    rm = (rows < SKV)[:, None]
+    rv = rows < SKV
+    if HAS_KP:
+        rv = rv & (tl.load(KP + b * stride_kpb + rows, mask=rv, other=0) != 0)
+    rm = rv[:, None]
     kk = tl.load(K + b * stride_kb + h * stride_kh + rows[:, None] * stride_ks
                  + offs_d[None, :] * stride_kd, mask=rm, other=0.0).to(tl.float32)
     kc = tl.where(rm, kk - km[None, :], 0.0)
@@ -135,8 +145,7 @@ def _quant_kv_kernel(K, V, PART, K8, KS, VT8, VS, VM,
         vsum = tl.sum(tl.load(pbase + D, mask=pm, other=0.0), 0)
         vmax = tl.max(tl.load(pbase + 2 * D, mask=pm, other=float("-inf")), 0)
         vmin = tl.min(tl.load(pbase + 3 * D, mask=pm, other=float("inf")), 0)
-        vm = tl.math.div_rn(vsum, tl.full([D], 1.0, tl.float32) * skv_f)
-        vm = _round_to_bf16(vm)
+        vm = _round_to_bf16(tl.math.div_rn(vsum, cnt_safe))
         vamax = tl.maximum(tl.maximum(vmax - vm, vm - vmin), TINY)
         vinv = tl.math.div_rn(tl.full([D], 448.0, tl.float32), vamax)
         vsc = tl.math.div_rn(vamax, tl.full([D], 448.0, tl.float32))

@@ -33,16 +33,19 @@ __all__ = [
 SUPPORTED_HEAD_DIMS = (64, 128)
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
 SUPPORTED_LAYOUTS = ("bnsd", "bsnd")
-# Below these lengths the four launches + quantization passes cost more than the
-# fp8 arithmetic saves, and cuDNN's bf16 kernel is faster (see docs/FP8_KERNEL.md
-# for the measurements behind the numbers).  fp8_not_supported_reasons declines
-# such calls unless ``check_speed=False``.
-MIN_SEQ_LEN_Q = 1024
-MIN_SEQ_LEN_KV = 1024
+# Speed thresholds (docs/FP8_KERNEL.md has the H200 measurements behind them).
+# Measured on an H200: faster than SDPA cuDNN bf16 at (1,40,32760,128) (1.30x) and
+# (1,32,8192,128) GQA 32/8 (1.15x); slower at (1,24,4608,128) (0.91x), causal
+# (1,32,8192,128) (0.97x), key-padded (2,24,4096,128) (0.91x), and at every head_dim
+# 64 shape measured (0.44x-0.68x).  So, unless ``check_speed=False``,
+# fp8_not_supported_reasons declines sequences shorter than these and head_dim 64.
+MIN_SEQ_LEN_Q = 16384
+MIN_SEQ_LEN_KV = 16384
+SPEED_HEAD_DIMS = (128,)
 
 # Kernel variant switches (constexprs of the attention kernel), chosen from the
 # H100/H200 measurements; overridable for experiments.
-_EXP_F16 = os.environ.get("ATTNPATCH_FP8_EXP_F16", "1") == "1"
+_EXP_F16 = os.environ.get("ATTNPATCH_FP8_EXP_F16", "0") == "1"
 _MAGIC = os.environ.get("ATTNPATCH_FP8_MAGIC", "1") == "1"
 
 
@@ -134,6 +137,8 @@ def fp8_not_supported_reasons(
             if why:
                 r.append(why)
     if check_speed:
+        if d in SUPPORTED_HEAD_DIMS and d not in SPEED_HEAD_DIMS:
+            r.append(f"head_dim={d} is correct but not faster than cuDNN bf16 (faster at: 128)")
         if sq < MIN_SEQ_LEN_Q:
             r.append(f"seq_len_q={sq} below MIN_SEQ_LEN_Q={MIN_SEQ_LEN_Q} (cuDNN bf16 is faster there)")
         if skv < MIN_SEQ_LEN_KV:
@@ -182,10 +187,17 @@ def _triton_forward(q, k, v, scale: float, is_causal: bool, key_padding, layout:
     tps = -(-skv // nsplit)
     tps = -(-tps // 64) * 64
     nsplit = -(-skv // tps)
-    part = torch.empty((b * hkv, nsplit, 4, d), device=dev, dtype=torch.float32)
+    if key_padding is not None:
+        kp = key_padding.to(dev)
+        kp = kp.view(torch.uint8) if kp.dtype == torch.bool else kp.to(torch.uint8)
+        stride_kpb = kp.stride(0)
+    else:
+        kp, stride_kpb = None, 0
+    part = torch.empty((b * hkv, nsplit, 5, d), device=dev, dtype=torch.float32)
+    kp_arg = part if kp is None else kp
     T._kv_stats_kernel[(nsplit, b * hkv)](
-        kb, vb, part, *kb.stride(), *vb.stride(), hkv, skv, tps, nsplit,
-        D=d, BS=64, num_warps=4)
+        kb, vb, kp_arg, part, *kb.stride(), *vb.stride(), stride_kpb, hkv, skv, tps, nsplit,
+        D=d, BS=16, HAS_KP=kp is not None, num_warps=4)
     # pass 2: Q per token
     q8 = torch.empty((b, hq, sq, d), device=dev, dtype=torch.int8)
     qs = torch.empty((b, hq, sq), device=dev, dtype=torch.float32)
@@ -202,21 +214,18 @@ def _triton_forward(q, k, v, scale: float, is_causal: bool, key_padding, layout:
     else:
         vt8, vsc, vm = ks, ks, ks
     T._quant_kv_kernel[(nblk, b * hkv)](
-        kb, vb, part, k8, ks, vt8, vsc, vm, *kb.stride(), *vb.stride(),
-        hkv, skv, skv_pad, nsplit, float(skv),
+        kb, vb, kp_arg, part, k8, ks, vt8, vsc, vm, *kb.stride(), *vb.stride(), stride_kpb,
+        hkv, skv, skv_pad, nsplit,
         D=d, BN=BN, NSPLIT_P2=max(2, triton_next_pow2(nsplit)), QUANT_V=pv_fp8,
-        num_warps=8 if d == 128 else 4)
+        HAS_KP=kp is not None, num_warps=8 if d == 128 else 4)
     if return_quant:
         return dict(q8=q8, qs=qs, k8=k8, ks=ks, vt8=vt8, vs=vsc, vm=vm, part=part)
     # pass 4: attention
     if out is None:
         out = torch.empty(q.shape, device=dev, dtype=q.dtype)
     ob = _emu.to_bnsd(out, layout)
-    if key_padding is not None:
-        kp = key_padding.to(dev).view(torch.uint8) if key_padding.dtype == torch.bool else key_padding.to(dev, torch.uint8)
-        stride_kpb = kp.stride(0)
-    else:
-        kp, stride_kpb = ks, 0
+    if kp is None:
+        kp = ks
     vq = vt8 if pv_fp8 else vb
     args = (q8, qs, k8, ks, vq, vsc, vm, kp, ob, *vb.stride(), *ob.stride(), stride_kpb,
             hq, hq // hkv, sq, skv, skv_pad, _bucket(sq), _bucket(skv))
@@ -249,16 +258,17 @@ def _fp8_attention_op(
     scale: float,
     is_causal: bool,
     layout: str,
+    pv_fp8: bool,
 ) -> torch.Tensor:
     if q.device.type == "cuda":
-        return _triton_forward(q, k, v, scale, is_causal, key_padding, layout)
+        return _triton_forward(q, k, v, scale, is_causal, key_padding, layout, pv_fp8=pv_fp8)
     return _emu.emulate_fp8_attention(q, k, v, scale=scale, is_causal=is_causal,
                                       key_padding=key_padding, layout=layout,
-                                      exp_f16=_EXP_F16)
+                                      exp_f16=_EXP_F16, pv_fp8=pv_fp8)
 
 
 @_fp8_attention_op.register_fake
-def _(q, k, v, key_padding, scale, is_causal, layout):
+def _(q, k, v, key_padding, scale, is_causal, layout, pv_fp8):
     return q.new_empty(q.shape)
 
 
@@ -271,12 +281,15 @@ def fp8_attention(
     is_causal: bool = False,
     key_padding: Optional[torch.Tensor] = None,
     layout: str = "bnsd",
+    pv_fp8: bool = True,
 ) -> torch.Tensor:
     """8-bit attention forward.  q: (b, hq, sq, d), k/v: (b, hkv, skv, d) for
     ``layout="bnsd"``; (b, s, h, d) for ``"bsnd"``.  GQA when hkv divides hq.
     ``key_padding``: optional bool (b, skv), True = attend.  ``is_causal``: SDPA's
     top-left convention (query i attends keys j <= i).  A query row with every key
     masked returns zeros.  Output: q's dtype, shape and layout (contiguous).
+    ``pv_fp8=False`` selects the accurate variant: int8 Q.K^T but P.V in the input
+    dtype (about 1% relerr instead of about 4% on N(0,1) inputs; slower).
 
     On CUDA (sm90) this runs the Triton kernels; on CPU the plain-torch twin.  It
     does not check :func:`fp8_not_supported_reasons` (the router does); shapes it
@@ -289,4 +302,5 @@ def fp8_attention(
     if bad:
         raise ValueError("fp8_attention: " + "; ".join(bad))
     sc = _emu.resolve_scale(scale, d)
-    return torch.ops.attnpatch.fp8_attention(q, k, v, key_padding, sc, bool(is_causal), layout)
+    return torch.ops.attnpatch.fp8_attention(q, k, v, key_padding, sc, bool(is_causal), layout,
+                                             bool(pv_fp8))

@@ -20,7 +20,9 @@ Quantization scheme (SageAttention-2 style, our own implementation):
   e4m3 range; P is rounded to fp8 e4m3 (RNE); the row sum l uses the unrounded p.
 * V: smoothed by its mean over tokens (bf16-rounded), then fp8 e4m3 with one
   fp32 scale **per channel** (per batch, kv-head): ``v8 = fp8((v - vm) * 448 /
-  amax_c)``.  Since each normalized row of P sums to one, ``O = (P8 @ v8) *
+  amax_c)``.  With a key_padding mask, means and scales of K and V are taken
+  over the attended tokens only, and masked tokens are stored as 0 (so garbage
+  in padded positions cannot spoil the quantization of the real ones).  Since each normalized row of P sums to one, ``O = (P8 @ v8) *
   v_scale / l + vm``.
 * P @ V accumulates in fp32.  A query row whose keys are all masked gives 0.
 
@@ -114,28 +116,50 @@ def quantize_q(q: torch.Tensor, scale: float) -> Tuple[torch.Tensor, torch.Tenso
 
 
 # --------------------------------------------------------------------- K and V
-def kv_means(k: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per-(b, h, channel) token means of K and V, fp32 sums, rounded to bf16
-    (returned as fp32 tensors holding bf16 values), shape (b, h, d)."""
-    n = _f32(float(k.shape[2]))
-    km = (k.float().sum(dim=2) / n).to(torch.bfloat16).float()
-    vm = (v.float().sum(dim=2) / n).to(torch.bfloat16).float()
+def _valid_tokens(x: torch.Tensor, key_padding: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """(b, 1, s, 1) bool of the tokens that are attended (None: all)."""
+    if key_padding is None:
+        return None
+    return key_padding.to(device=x.device, dtype=torch.bool)[:, None, :, None]
+
+
+def kv_means(k: torch.Tensor, v: torch.Tensor,
+             key_padding: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-(b, h, channel) means of K and V over the attended tokens (all tokens
+    without key_padding), fp32 sums, rounded to bf16 (returned as fp32 tensors
+    holding bf16 values), shape (b, h, d).  No attended token: 0."""
+    valid = _valid_tokens(k, key_padding)
+    kf, vf = k.float(), v.float()
+    if valid is None:
+        n = torch.full(k.shape[:2], float(k.shape[2]), dtype=torch.float32, device=k.device)
+    else:
+        kf = kf.masked_fill(~valid, 0.0)
+        vf = vf.masked_fill(~valid, 0.0)
+        n = valid.sum(dim=2, dtype=torch.float32)[..., 0].expand(k.shape[:2])
+    n = n.clamp_min(1.0)[..., None]
+    km = (kf.sum(dim=2) / n).to(torch.bfloat16).float()
+    vm = (vf.sum(dim=2) / n).to(torch.bfloat16).float()
     return km, vm
 
 
 def quantize_k(
-    k: torch.Tensor, km: Optional[torch.Tensor] = None, block: int = KV_BLOCK
+    k: torch.Tensor, km: Optional[torch.Tensor] = None, block: int = KV_BLOCK,
+    key_padding: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Smooth K by its token mean, then int8 per block of ``block`` tokens.
 
     Returns ``(k8 int8 (b,h,s_pad,d), ks fp32 (b,h,s_pad//block), km fp32 (b,h,d))``
     where ``s_pad`` is s rounded up to ``block`` (pad tokens are 0) and
-    ``k - km ~= k8 * ks`` blockwise.
+    ``k - km ~= k8 * ks`` blockwise.  Masked tokens (key_padding False) are
+    stored as 0 and do not enter the means or the scales.
     """
     b, h, s, d = k.shape
     if km is None:
-        km, _ = kv_means(k, k)
+        km, _ = kv_means(k, k, key_padding)
     kc = k.float() - km[:, :, None, :]
+    valid = _valid_tokens(k, key_padding)
+    if valid is not None:
+        kc = kc.masked_fill(~valid, 0.0)
     s_pad = -(-s // block) * block
     kc = torch.nn.functional.pad(kc, (0, 0, 0, s_pad - s))
     kb = kc.view(b, h, s_pad // block, block, d)
@@ -148,7 +172,8 @@ def quantize_k(
 
 
 def quantize_v(
-    v: torch.Tensor, vm: Optional[torch.Tensor] = None, block: int = KV_BLOCK
+    v: torch.Tensor, vm: Optional[torch.Tensor] = None, block: int = KV_BLOCK,
+    key_padding: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Smooth V by its token mean, then fp8 e4m3 with one scale per channel.
 
@@ -157,14 +182,21 @@ def quantize_v(
     """
     b, h, s, d = v.shape
     if vm is None:
-        _, vm = kv_means(v, v)
+        _, vm = kv_means(v, v, key_padding)
     vf = v.float()
-    vmax = vf.amax(dim=2)
-    vmin = vf.amin(dim=2)
+    valid = _valid_tokens(v, key_padding)
+    if valid is None:
+        vmax = vf.amax(dim=2)
+        vmin = vf.amin(dim=2)
+    else:
+        vmax = vf.masked_fill(~valid, -math.inf).amax(dim=2)
+        vmin = vf.masked_fill(~valid, math.inf).amin(dim=2)
     amax = torch.maximum(vmax - vm, vm - vmin).clamp_min(TINY)
     vs = amax / _f32(FP8_MAX)
     inv = _f32(FP8_MAX) / amax
     y = ((vf - vm[:, :, None, :]) * inv[:, :, None, :]).clamp(-FP8_MAX, FP8_MAX)
+    if valid is not None:
+        y = y.masked_fill(~valid, 0.0)
     s_pad = -(-s // block) * block
     y = torch.nn.functional.pad(y, (0, 0, 0, s_pad - s))
     return y.to(FP8_DTYPE), vs, vm
@@ -214,11 +246,14 @@ def emulate_fp8_attention(
     key_padding: Optional[torch.Tensor] = None,
     layout: str = "bnsd",
     exp_f16: bool = False,
+    pv_fp8: bool = True,
 ) -> torch.Tensor:
     """Plain-torch emulation of :func:`attnpatch.kernels.fp8_attention.fp8_attention`.
 
     Same arguments and output (dtype of q, in ``layout``).  ``exp_f16`` mirrors the
     kernel variant that evaluates exp2 in fp16 (then rounds fp16 -> fp8).
+    ``pv_fp8=False`` mirrors the accurate variant: P rounded to the input dtype
+    (bf16/fp16) times the unquantized V (no V smoothing), fp32 accumulation.
     Works on any device; all arithmetic after quantization is fp32.
     """
     out_dtype = q.dtype
@@ -230,9 +265,15 @@ def emulate_fp8_attention(
     sc = resolve_scale(scale, d)
 
     q8, qs = quantize_q(qb, sc)
-    km, vm = kv_means(kb, vb)
-    k8, ks, _ = quantize_k(kb, km)
-    v8, vs, _ = quantize_v(vb, vm)
+    km, vm = kv_means(kb, vb, key_padding)
+    k8, ks, _ = quantize_k(kb, km, key_padding=key_padding)
+    if pv_fp8:
+        v8, vs, _ = quantize_v(vb, vm, key_padding=key_padding)
+    else:
+        s_pad = k8.shape[2]
+        v8 = torch.nn.functional.pad(vb.float(), (0, 0, 0, s_pad - skv))
+        vs = torch.ones(b, hkv, d, device=vb.device)
+        vm = torch.zeros(b, hkv, d, device=vb.device)
     g = hq // hkv
     if g > 1:
         k8, ks, v8, vs, vm = (t.repeat_interleave(g, dim=1) for t in (k8, ks, v8, vs, vm))
@@ -265,7 +306,7 @@ def emulate_fp8_attention(
         else:
             p = torch.exp2(arg)
             l = l * alpha + p.sum(dim=-1)
-        p8 = p.to(FP8_DTYPE).float()
+        p8 = p.to(FP8_DTYPE if pv_fp8 else out_dtype).float()
         acc = acc * alpha[..., None] + p8 @ v8[:, :, n0:n1].float()
         m = m_new
     pos = l > 0

@@ -1,0 +1,217 @@
+"""What the third-party backends (flash-attn 2/3/4, xformers, SageAttention) share: probing a package
+safely, the arch rules, the custom op for torch.compile, and the key-padding packing for varlen kernels.
+
+A backend module declares its limits as class constants (see `registry.Backend`), names the module to
+import (``MODULE``) and the names it needs from it (``REQUIRED_ATTRS``), and provides a *kernel
+function* ``kernel(module, q, k, v, mask, is_causal, scale, dropout_p)`` working in its
+``NATIVE_LAYOUT``. The kernel function is plain Python over the library's public API, so tests run it
+on CPU with stand-in modules that implement that API in torch.
+
+Importing these modules never imports the third-party package; `probe` does, once, at first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+from typing import Callable, FrozenSet, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from ..call import Call
+from ..registry import Backend, version_at_least
+from . import _custom_ops
+
+
+def _first_line(exc: BaseException, limit: int = 300) -> str:
+    text = str(exc).strip().splitlines()
+    line = text[0] if text else ""
+    return (line[:limit] + "…") if len(line) > limit else line
+
+
+def describe_import_error(module: str, package: str, exc: BaseException) -> str:
+    """A reason for a module that does not import, naming the likely cause."""
+    msg = _first_line(exc)
+    if isinstance(exc, ImportError) and "undefined symbol" in str(exc):
+        return (f"{package} is installed but its compiled extension does not load (ABI mismatch with torch "
+                f"{torch.__version__}; rebuild or reinstall {package} for this torch): ImportError: {msg}")
+    return f"import {module} failed: {type(exc).__name__}: {msg}"
+
+
+def _fmt_cap(cap) -> str:
+    return f"sm{cap[0]}{cap[1]}"
+
+
+class ThirdPartyBackend(Backend):
+    """Base of the backends that wrap a third-party kernel. Subclasses set the constants below and
+    ``kernel`` (a staticmethod); most need nothing else."""
+
+    #: Module imported to reach the entry points (``import_module(MODULE)``).
+    MODULE: str = ""
+    #: Names that must exist in MODULE (an older or different build lacks them).
+    REQUIRED_ATTRS: Tuple[str, ...] = ()
+    #: Exact compute capabilities the package's binaries are built for (None = any within MIN/MAX).
+    CUDA_CAPABILITIES: Optional[FrozenSet[tuple]] = None
+    #: Why the arch rule is what it is (shown with the reason).
+    ARCH_NOTE: str = ""
+    SUPPORTED_DEVICES = frozenset({"cuda"})
+    SUPPORTED_DTYPES = frozenset({torch.float16, torch.bfloat16})
+    SUPPORTS_V_HEAD_DIM_DIFFERENT = False
+
+    kernel: Callable = None  # staticmethod(kernel_function) in subclasses
+
+    # -- probing -------------------------------------------------------------------------------
+    def probe(self) -> List[str]:
+        reasons = super().probe()  # installed? version >= MIN_VERSION?
+        if reasons:
+            return reasons
+        try:
+            module = importlib.import_module(self.MODULE)
+        except Exception as exc:  # ImportError, OSError from a broken .so, anything a package raises
+            return [describe_import_error(self.MODULE, self.PACKAGE, exc)]
+        missing = [a for a in self.REQUIRED_ATTRS if not hasattr(module, a)]
+        if missing:
+            return [f"{self.MODULE} ({self.PACKAGE} {self._version}) has no {', '.join(missing)}; "
+                    f"this backend needs a release that provides {'them' if len(missing) > 1 else 'it'}"]
+        reasons = self.check_extension(module)
+        if reasons:
+            return reasons
+        if torch.cuda.is_available():
+            caps = sorted({tuple(torch.cuda.get_device_capability(i)) for i in range(torch.cuda.device_count())})
+            if caps and not any(self.capability_reason(c) is None for c in caps):
+                return [self.capability_reason(caps[0])]
+            return self.smoke_test(module, torch.device("cuda", torch.cuda.current_device()))
+        return []
+
+    def check_extension(self, module) -> List[str]:
+        """Reasons the package's compiled kernels are not usable (checked without a GPU call)."""
+        return []
+
+    def smoke_test(self, module, device: torch.device) -> List[str]:
+        """A tiny real call on ``device`` (the current CUDA device when probing), for packages that
+        import but fail on use."""
+        return []
+
+    def capability_reason(self, cap: tuple) -> Optional[str]:
+        """Why compute capability ``cap`` is not supported (None when it is)."""
+        cap = tuple(cap)
+        note = f" ({self.ARCH_NOTE})" if self.ARCH_NOTE else ""
+        if self.CUDA_CAPABILITIES is not None and cap not in self.CUDA_CAPABILITIES:
+            allowed = ", ".join(_fmt_cap(c) for c in sorted(self.CUDA_CAPABILITIES))
+            return f"GPU {_fmt_cap(cap)} is not supported by {self.PACKAGE} kernels (supported: {allowed}){note}"
+        if self.CUDA_MIN_CAPABILITY and cap < tuple(self.CUDA_MIN_CAPABILITY):
+            return f"GPU {_fmt_cap(cap)} is below {self.PACKAGE}'s minimum {_fmt_cap(self.CUDA_MIN_CAPABILITY)}{note}"
+        if self.CUDA_MAX_CAPABILITY and cap > tuple(self.CUDA_MAX_CAPABILITY):
+            return f"GPU {_fmt_cap(cap)} is above {self.PACKAGE}'s maximum {_fmt_cap(self.CUDA_MAX_CAPABILITY)}{note}"
+        return None
+
+    # -- per call ------------------------------------------------------------------------------
+    def extra_reasons(self, call: Call) -> List[str]:
+        reasons = []
+        if call.device_type == "cuda" and call.capability is not None and self.CUDA_CAPABILITIES is not None:
+            r = self.capability_reason(call.capability)
+            if r:
+                reasons.append(r)
+        if call.compiling and call.needs_grad and call.dropout_p > 0:
+            reasons.append(f"dropout_p={call.dropout_p} with gradients under torch.compile (the custom op's "
+                           "recompute backward cannot replay the dropout mask; use dropout_p=0 or run eagerly)")
+        return reasons + self.call_reasons(call)
+
+    def call_reasons(self, call: Call) -> List[str]:
+        """Backend-specific per-call checks (subclasses)."""
+        return []
+
+    # -- running -------------------------------------------------------------------------------
+    def op(self):
+        """This backend's ``attnpatch::<NAME>`` custom op (defined at import of the backend module)."""
+        return _custom_ops.OPS[self.NAME]
+
+    def build(self, call: Call):
+        if call.compiling:
+            op = self.op()
+
+            def run(q, k, v, m, c, s, p):
+                return op(q, k, v, m, c, s, p)
+            return run
+        module = importlib.import_module(self.MODULE)
+        kernel = type(self).kernel
+
+        def run(q, k, v, m, c, s, p):  # noqa: F811 - eager: call the library directly
+            return kernel(module, q, k, v, m, c, s, p)
+        return run
+
+
+def register_op(cls) -> None:
+    """Define the custom op of a backend class (at import of its module; cheap, imports nothing)."""
+    _custom_ops.attention_op(cls.NAME, cls.kernel, cls.MODULE, backward=cls.SUPPORTS_BACKWARD)
+
+
+# -- helpers for kernels -----------------------------------------------------------------------------
+
+def causal_plan(s_q: int, s_kv: int) -> Tuple[Optional[int], bool, Optional[int]]:
+    """Translate SDPA's top-left causal for a library whose causal flag is bottom-right aligned
+    (flash-attn 2/3/4). Returns ``(keys_to_keep, causal_flag, window_right)``:
+
+    * s_q == s_kv: both alignments agree → ``(None, True, None)``.
+    * s_kv > s_q: top-left never lets any query see keys at or after s_q, so those keys are dropped and
+      the square remainder is causal → ``(s_q, True, None)``.
+    * s_q > s_kv: no flag; a sliding window with right edge ``s_q - s_kv`` (flash-attn's window is
+      anchored bottom-right: query i sees keys j <= i + s_kv - s_q + right = i) → ``(None, False, s_q - s_kv)``.
+    """
+    if s_q == s_kv:
+        return None, True, None
+    if s_kv > s_q:
+        return s_q, True, None
+    return None, False, s_q - s_kv
+
+
+def key_padding_keep(mask: torch.Tensor, batch: int, s_kv: int) -> torch.Tensor:
+    """A key-padding mask (viewed as (b or 1, 1, 1, s_kv), bool, True = attend) as (batch, s_kv)."""
+    return mask.expand(batch, 1, 1, s_kv).reshape(batch, s_kv)
+
+
+def pack_keys(keep: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """Pack the kept keys of each batch row back to back for a varlen kernel, without a host sync.
+
+    ``keep`` is (b, s_kv) bool (any pattern, not only a prefix); ``k``/``v`` are (b, s_kv, h, d). Returns
+    ``(k_packed, v_packed, cu_seqlens_k, dead)``: the packed tensors have b*s_kv rows, of which the
+    first ``cu_seqlens_k[-1]`` are the kept keys in order (row 0's, then row 1's, …) and the rest are
+    the dropped keys, which no sequence refers to. ``dead`` marks rows with no kept key at all; those
+    rows keep *all* their keys here (so the kernel never sees an empty sequence) and the caller must
+    zero their output.
+    """
+    b, s_kv = keep.shape
+    dead = ~keep.any(dim=1)
+    keep = keep | dead[:, None]
+    flat = keep.reshape(-1)
+    lengths = keep.sum(dim=1, dtype=torch.int32)
+    cu = F.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))
+    total = cu[-1].to(torch.int64)
+    kept_rank = torch.cumsum(flat.to(torch.int64), 0) - 1
+    dropped_rank = total + torch.cumsum((~flat).to(torch.int64), 0) - 1
+    dest = torch.where(flat, kept_rank, dropped_rank)  # where each key goes
+    source = torch.empty_like(dest).scatter_(0, dest, torch.arange(dest.numel(), device=dest.device))
+    kp = k.reshape(b * s_kv, *k.shape[2:]).index_select(0, source)
+    vp = v.reshape(b * s_kv, *v.shape[2:]).index_select(0, source)
+    return kp, vp, cu, dead
+
+
+def query_cu_seqlens(batch: int, s_q: int, device) -> torch.Tensor:
+    return torch.arange(0, (batch + 1) * s_q, s_q, dtype=torch.int32, device=device)
+
+
+def first_output(result):
+    """The attention output from a library call that returns ``out`` or ``(out, lse, ...)``."""
+    return result[0] if isinstance(result, (tuple, list)) else result
+
+
+def version_of(package: str) -> Optional[str]:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+__all__ = ["ThirdPartyBackend", "register_op", "causal_plan", "key_padding_keep", "pack_keys",
+           "query_cu_seqlens", "first_output", "describe_import_error", "version_at_least", "version_of"]

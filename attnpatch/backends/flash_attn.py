@@ -1,0 +1,79 @@
+"""`flash_attn`: FlashAttention 2 (``flash_attn.flash_attn_func``; key-padding masks through
+``flash_attn_varlen_func``).
+
+Translation (flash-attn takes bsnd, ``softmax_scale``, ``dropout_p``, ``causal``, ``window_size``):
+
+* causal: flash-attn aligns its causal mask to the bottom right when s_q != s_kv; attnpatch follows
+  SDPA (top left). `causal_plan` translates: for s_kv > s_q the keys no query can see are dropped and
+  the rest is square; for s_q > s_kv a sliding window with right edge s_q - s_kv gives exactly
+  "key j <= query i".
+* key-padding masks (bool, (b, 1, 1, s_kv), any pattern, not only a prefix): the kept keys of each row
+  are packed back to back (`pack_keys`, no host sync, so CUDA graphs can capture it) and the queries
+  are the full rows; a row with no kept key gives zeros. Other masks, additive masks and causal with a
+  mask are refused with a reason.
+* GQA: native (flash-attn takes fewer k/v heads). Dropout: native, also with gradients in eager mode
+  (flash-attn's own autograd); under torch.compile only without gradients (see `_custom_ops`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._third_party import (ThirdPartyBackend, causal_plan, first_output, key_padding_keep, pack_keys,
+                           query_cu_seqlens, register_op)
+
+
+def flash_attn_kernel(fa, q, k, v, mask, is_causal, scale, dropout_p):
+    """FA2 on bsnd tensors; ``fa`` is the ``flash_attn`` module (or a stand-in with its API)."""
+    b, s_q = q.shape[0], q.shape[1]
+    s_kv = k.shape[1]
+    kwargs = {"dropout_p": dropout_p, "softmax_scale": scale, "causal": False}
+    if is_causal:
+        keys, flag, right = causal_plan(s_q, s_kv)
+        if keys is not None:
+            k, v = k[:, :keys], v[:, :keys]
+        kwargs["causal"] = flag
+        if right is not None:
+            kwargs["window_size"] = (-1, right)
+    if mask is None:
+        return first_output(fa.flash_attn_func(q, k, v, **kwargs))
+    keep = key_padding_keep(mask, b, s_kv)
+    kp, vp, cu_k, dead = pack_keys(keep, k, v)
+    out = first_output(fa.flash_attn_varlen_func(
+        q.reshape(b * s_q, *q.shape[2:]), kp, vp, query_cu_seqlens(b, s_q, q.device), cu_k, s_q, s_kv,
+        **kwargs))
+    out = out.reshape(b, s_q, *out.shape[1:])
+    return out.masked_fill(dead[:, None, None, None], 0)
+
+
+class FlashAttnBackend(ThirdPartyBackend):
+    NAME = "flash_attn"
+    DESCRIPTION = "FlashAttention 2 (flash-attn package): exact, sm80+, key-padding masks via varlen"
+    PACKAGE = "flash-attn"
+    MIN_VERSION = "2.6.0"
+    EXTRA = "flash"
+    MODULE = "flash_attn"
+    REQUIRED_ATTRS = ("flash_attn_func", "flash_attn_varlen_func")
+    LOSSY = False
+    SUPPORTS_BACKWARD = True
+    SUPPORTS_DROPOUT = True
+    SUPPORTS_GQA = True
+    SUPPORTS_CAUSAL = True
+    SUPPORTS_CAUSAL_WITH_MASK = False
+    SUPPORTED_DTYPES = frozenset({torch.float16, torch.bfloat16})
+    SUPPORTED_MASKS = frozenset({"none", "bool"})
+    KEY_PADDING_MASKS_ONLY = True
+    MIN_HEAD_DIM = 8
+    MAX_HEAD_DIM = 256
+    HEAD_DIM_MULTIPLE = 8
+    CUDA_MIN_CAPABILITY = (8, 0)
+    ARCH_NOTE = "FlashAttention 2 needs Ampere or newer"
+    NATIVE_LAYOUT = "bsnd"
+    # sm90: cuDNN (10) measured ~1.8x faster than FA2 (DESIGN.md); FA2 is torch's sdpa_flash kernel's twin.
+    AUTO_PRIORITY = {"cuda_sm90": 15, "cuda": 15}
+    TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+    kernel = staticmethod(flash_attn_kernel)
+
+
+register_op(FlashAttnBackend)

@@ -1,0 +1,67 @@
+"""`flash_attn4`: FlashAttention 4 (``flash_attn.cute.flash_attn_func``, the CuTe-DSL kernels of the
+``flash-attn-4`` package; Hopper and Blackwell datacenter GPUs).
+
+The entry point returns ``(out, lse)``; the wrapper keeps ``out``. Causal is bottom-right aligned in
+flash-attn; SDPA's top-left is translated for s_kv >= s_q (keys no query can see are dropped) and the
+call is refused for s_q > s_kv (the window arguments differ between FA4 releases, so the wrapper does
+not rely on them). No masks, no dropout.
+"""
+
+from __future__ import annotations
+
+from typing import List
+
+import torch
+
+from ..call import Call
+from ._third_party import ThirdPartyBackend, causal_plan, first_output, register_op
+
+
+def flash_attn4_kernel(cute, q, k, v, mask, is_causal, scale, dropout_p):
+    """FA4 on bsnd tensors; ``cute`` is ``flash_attn.cute`` (or a stand-in with its API)."""
+    if mask is not None or dropout_p:
+        raise ValueError("flash_attn4 takes no mask and no dropout; the router refuses such calls")
+    causal = False
+    if is_causal:
+        keys, causal, right = causal_plan(q.shape[1], k.shape[1])
+        if right is not None:
+            raise ValueError("flash_attn4: causal with s_q > s_kv is refused by the router")
+        if keys is not None:
+            k, v = k[:, :keys], v[:, :keys]
+    return first_output(cute.flash_attn_func(q, k, v, softmax_scale=scale, causal=causal))
+
+
+class FlashAttn4Backend(ThirdPartyBackend):
+    NAME = "flash_attn4"
+    DESCRIPTION = "FlashAttention 4 (flash-attn-4 package, CuTe DSL; Hopper and Blackwell)"
+    PACKAGE = "flash-attn-4"
+    MIN_VERSION = "4.0.0b1"
+    EXTRA = "flash"
+    MODULE = "flash_attn.cute"
+    REQUIRED_ATTRS = ("flash_attn_func",)
+    LOSSY = False
+    SUPPORTS_BACKWARD = True
+    SUPPORTS_DROPOUT = False
+    SUPPORTS_GQA = True
+    SUPPORTED_DTYPES = frozenset({torch.float16, torch.bfloat16})
+    SUPPORTED_MASKS = frozenset({"none"})
+    MIN_HEAD_DIM = 64
+    MAX_HEAD_DIM = 128
+    HEAD_DIM_MULTIPLE = 32
+    CUDA_CAPABILITIES = frozenset({(9, 0), (10, 0), (10, 3)})
+    CUDA_MIN_CAPABILITY = (9, 0)
+    ARCH_NOTE = "FlashAttention 4 targets Hopper (sm90) and datacenter Blackwell (sm100/sm103)"
+    NATIVE_LAYOUT = "bsnd"
+    AUTO_PRIORITY = {"cuda_sm90": 11, "cuda_sm100": 5, "cuda_sm103": 5}
+    TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+    kernel = staticmethod(flash_attn4_kernel)
+
+    def call_reasons(self, call: Call) -> List[str]:
+        if call.is_causal and call.seq_q > call.seq_kv:
+            return [f"causal with seq_q={call.seq_q} > seq_kv={call.seq_kv}: flash-attn's causal is bottom-right "
+                    "aligned and this wrapper does not translate that case for FA4"]
+        return []
+
+
+register_op(FlashAttn4Backend)

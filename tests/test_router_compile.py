@@ -1,0 +1,162 @@
+"""`attention_forward` inside `torch.compile(fullgraph=True)`: no graph breaks for the torch backends,
+the same numbers as eager mode, and the backend chosen by the controls is the one traced."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import attnpatch
+from attnpatch import registry, router
+from attnpatch.backends import flex as flex_backend
+from attnpatch.backends._sdpa_common import SdpaFamily
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    router.COMPILED_DECISIONS.clear()
+    yield
+    torch._dynamo.reset()
+
+
+class _Marker(SdpaFamily):
+    """Traceable and visible: SDPA's output plus 1000, so a test can tell it ran."""
+
+    NAME = "fake_marker"
+    KERNEL = None
+
+    def build(self, call):
+        inner = super().build(call)
+
+        def run(*args):
+            return inner(*args) + 1000.0
+        return run
+
+
+@pytest.fixture
+def marker():
+    backend = attnpatch.register_backend(_Marker)
+    try:
+        yield backend
+    finally:
+        attnpatch.unregister_backend("fake_marker")
+
+
+def _inputs(layout="bsnd", b=2, h=4, s=24, skv=40, d=32):
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(b, h, s, d), (b, h, skv, d), (b, h, skv, d)]
+    if layout == "bsnd":
+        shapes = [(x[0], x[2], x[1], x[3]) for x in shapes]
+    q, k, v = (torch.randn(shape, generator=gen) for shape in shapes)
+    pad = torch.ones(b, skv, dtype=torch.bool)
+    pad[1, :5] = False  # padding that does not start at 0
+    pad[0, -7:] = False
+    return q, k, v, pad
+
+
+CASES = {
+    "keypad_bool_bsnd": dict(layout="bsnd", mask="keypad", causal=False),
+    "additive_bnsd_causal": dict(layout="bnsd", mask="additive", causal=True),
+}
+
+
+def _mask(kind, pad, s, skv):
+    if kind == "keypad":
+        return pad  # (b, s_kv): a key-padding mask
+    bias = torch.randn(1, 1, s, skv, generator=torch.Generator().manual_seed(1))
+    return bias.masked_fill(~pad[:1, None, None, :], float("-inf"))
+
+
+# flex compiles slowly on CPU (inductor): one representative case, bool key padding in bsnd
+_PARAMS = [(n, c) for n in ("sdpa", "sdpa_math", "sdpa_flash", "eager", "flex") for c in CASES
+           if n != "flex" or c == "keypad_bool_bsnd"]
+
+
+@pytest.mark.parametrize("name,case", _PARAMS)
+def test_fullgraph_compile_matches_eager(name, case):
+    cfg = CASES[case]
+    q, k, v, pad = _inputs(cfg["layout"])
+    s, skv = (q.shape[1], k.shape[1]) if cfg["layout"] == "bsnd" else (q.shape[2], k.shape[2])
+    mask = _mask(cfg["mask"], pad, s, skv)
+    kw = dict(layout=cfg["layout"], is_causal=cfg["causal"], backend=name)
+    assert attnpatch.explain(q, k, v, attn_mask=mask, **kw).reasons[name] == []
+
+    def fn(q, k, v, m):
+        return attnpatch.attention_forward(q, k, v, attn_mask=m, **kw) * 2
+
+    expected = fn(q, k, v, mask)
+    assert attnpatch.stats().calls == {name: 1}
+    explanation = torch._dynamo.explain(fn)(q, k, v, mask)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, backend="eager" if name != "flex" else "inductor")
+    out = compiled(q, k, v, mask)
+    torch.testing.assert_close(out, expected, atol=2e-5, rtol=2e-5)
+    assert (None, name) in router.COMPILED_DECISIONS
+    assert {n for _, n in router.COMPILED_DECISIONS} == {name}
+
+
+def test_inductor_compile_of_a_masked_bsnd_call():
+    q, k, v, pad = _inputs("bsnd")
+    compiled = torch.compile(lambda q, k, v, m: attnpatch.attention_forward(q, k, v, layout="bsnd", attn_mask=m),
+                             fullgraph=True)
+    out = compiled(q, k, v, pad)
+    ref = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         attn_mask=pad[:, None, None, :]).transpose(1, 2)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+
+
+def test_use_backend_decides_inside_compiled_code(marker):
+    q, k, v, _ = _inputs("bnsd")
+    compiled = torch.compile(lambda q, k, v: attnpatch.attention_forward(q, k, v), fullgraph=True, backend="eager")
+    plain = F.scaled_dot_product_attention(q, k, v)
+    torch.testing.assert_close(compiled(q, k, v), plain)
+    with attnpatch.use_backend("fake_marker"):
+        torch.testing.assert_close(compiled(q, k, v), plain + 1000.0)
+    with attnpatch.use_backend("sdpa_math"):
+        torch.testing.assert_close(compiled(q, k, v), plain, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(compiled(q, k, v), plain)  # and back after the block
+    assert {n for _, n in router.COMPILED_DECISIONS} == {"sdpa", "fake_marker", "sdpa_math"}
+    assert attnpatch.explain(q, k, v).backend == "sdpa"
+
+
+def test_backend_argument_and_environment_inside_compiled_code(marker, monkeypatch):
+    q, k, v, _ = _inputs("bnsd")
+    plain = F.scaled_dot_product_attention(q, k, v)
+    compiled = torch.compile(lambda q, k, v: attnpatch.attention_forward(q, k, v, backend="fake_marker"),
+                             fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(q, k, v), plain + 1000.0)
+    monkeypatch.setenv("ATTNPATCH_BACKEND", "fake_marker")
+    attnpatch.reload_env()
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda q, k, v: attnpatch.attention_forward(q, k, v), fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(q, k, v), plain + 1000.0)
+
+
+def test_strict_refusal_raises_while_tracing():
+    """use_backend() goes around the compiled call (dynamo cannot trace ContextVar.set inside it)."""
+    q, k, v, _ = _inputs("bnsd")
+    v = v[..., :16]  # sdpa_flash refuses value head_dim != head_dim
+    compiled = torch.compile(lambda q, k, v: attnpatch.attention_forward(q, k, v), fullgraph=True, backend="eager")
+    with attnpatch.use_backend("sdpa_flash", strict=True):
+        with pytest.raises(Exception, match=r"sdpa_flash: value head_dim 16 != query head_dim 32"):
+            compiled(q, k, v)
+    with attnpatch.use_backend("sdpa_flash"):  # not strict: falls back inside the graph
+        torch.testing.assert_close(compiled(q, k, v), F.scaled_dot_product_attention(q, k, v))
+    assert {n for _, n in router.COMPILED_DECISIONS} == {"sdpa"}
+
+
+def test_flex_compiles_one_copy_per_shape_family():
+    """Regression: one torch.compile for every flex call hit dynamo's recompile limit (8) after a few
+    dtypes and head dims, and flex then ran unfused without a word."""
+    a = flex_backend._compiled(flex_backend._plain, ("cpu", None, torch.float32, 64, 64, False, False))
+    b = flex_backend._compiled(flex_backend._plain, ("cpu", None, torch.bfloat16, 64, 64, False, False))
+    again = flex_backend._compiled(flex_backend._plain, ("cpu", None, torch.float32, 64, 64, False, False))
+    assert a is again and a is not b
+    code_a = getattr(a, "_torchdynamo_orig_callable", a).__code__
+    code_b = getattr(b, "_torchdynamo_orig_callable", b).__code__
+    assert code_a is not code_b and code_a.co_code == flex_backend._plain.__code__.co_code
+    assert registry.get_backend("flex").NAME == "flex"
