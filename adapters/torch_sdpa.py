@@ -73,6 +73,10 @@ class TorchSdpaAdapter(Adapter):
                 out.append(SiteMatch(module, path, heads=heads, routed=False,
                                      note="its forward is wrapped by another library (instance attribute "
                                           f"{type(module.__dict__['forward']).__name__}); remove that wrapper first"))
+            elif isinstance(module, torch.nn.MultiheadAttention):
+                out.append(SiteMatch(module, path, heads=module.num_heads, routed=False,
+                                     note="torch.nn.MultiheadAttention runs F.multi_head_attention_forward / "
+                                          "torch's fused fast path, which attnpatch does not reach"))
             elif computes_attention_itself(module):
                 out.append(SiteMatch(module, path, heads=heads, routed=False,
                                      note="computes softmax(q·kᵀ) itself instead of calling scaled_dot_product_attention"))

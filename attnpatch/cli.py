@@ -1025,7 +1025,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", help="cast the model (default: as built/saved)")
     s.add_argument("--steps", type=int, default=4, help="denoising steps for pipelines (default 4)")
     s.add_argument("--size", type=int, help="image size for pipelines")
-    s.add_argument("--repeat", type=int, default=2, help="timed runs of each (default 2)")
+    s.add_argument("--repeat", type=int, default=3, help="timed runs of each, after one warm-up (default 3)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--trust-remote-code", action="store_true", help="allow a model folder's own Python code to run")
     s.set_defaults(func=cmd_demo)

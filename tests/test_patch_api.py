@@ -369,3 +369,16 @@ def test_compile_fullgraph_of_a_patched_model_has_no_graph_breaks(rec):
     patch.remove()
     torch._dynamo.reset()
     assert torch.equal(_no_grad(model, x), ref)
+
+
+def test_multihead_attention_is_reported_not_routed():
+    import attnpatch
+
+    model = torch.nn.Sequential(torch.nn.MultiheadAttention(16, 2, batch_first=True))
+    patch = attnpatch.apply(model, recipe=False)
+    try:
+        (site,) = patch.sites
+        assert not site.routed and "MultiheadAttention" in site.note
+        assert "NOT ROUTED" in str(patch.report())
+    finally:
+        patch.remove()

@@ -466,3 +466,15 @@ def test_step_selectors():
     sel = recipes.IndexSelector((("first", 2), ("last", 1), ("range", 4, 5), ("at", -3)))
     assert [i for i in range(10) if sel.contains(i, 10)] == [0, 1, 4, 5, 7, 9]
     assert [i for i in range(10) if sel.contains(i, None)] == [0, 1, 4, 5]  # unknown total: no "last"
+
+
+def test_the_readme_example_recipe_is_valid_and_matches_its_model(models):
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    example = re.search(r"```yaml\n(.*?)```", text, re.S).group(1)
+    rec = recipes.loads(example, "README.md")
+    assert rec.lossy and rec.has_steps()
+    plan = recipes.plan(rec, discover(models("tiny-wan")), [""])
+    assert plan.unmatched() == [] and all(plan.hits.values())

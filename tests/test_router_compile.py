@@ -160,3 +160,25 @@ def test_flex_compiles_one_copy_per_shape_family():
     code_b = getattr(b, "_torchdynamo_orig_callable", b).__code__
     assert code_a is not code_b and code_a.co_code == flex_backend._plain.__code__.co_code
     assert registry.get_backend("flex").NAME == "flex"
+
+
+def test_compile_without_contextvar_tracing_reads_the_setting_at_trace_time(monkeypatch):
+    # torch < 2.14 (the GPU box has 2.11) cannot trace ContextVar.get: the router then reads the
+    # use_backend() state eagerly at trace time. Simulate that path on this torch.
+    import torch._dynamo
+
+    from attnpatch import router
+
+    monkeypatch.setattr(router, "_DYNAMO_GUARDS_CONTEXTVARS", False)
+    torch._dynamo.reset()
+    q = torch.randn(1, 2, 9, 16)
+
+    def f(x):
+        return attnpatch.attention_forward(x, x, x) + 1
+
+    router.COMPILED_DECISIONS.clear()
+    with attnpatch.use_backend("sdpa_math"):
+        out = torch.compile(f, fullgraph=True)(q)
+    torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, q, q) + 1)
+    assert (None, "sdpa_math") in router.COMPILED_DECISIONS
+    torch._dynamo.reset()
