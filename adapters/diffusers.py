@@ -108,7 +108,8 @@ class FnPlan:
     """How to make a routed copy of one plain function: which of its global names to replace, each
     with ``"dispatch"`` (the dispatch function), ``"dispatch_module"`` (attention_dispatch used as
     ``mod.dispatch_attention_fn``), ``"sdpa"`` (an imported alias of SDPA), ``"F"`` (a
-    torch.nn.functional alias), ``"torch"`` (torch, used as torch.nn.functional.…) or another FnPlan
+    torch.nn.functional alias), ``"torch"`` (torch, used as torch.nn.functional.…), ``"nn"`` (torch.nn,
+    used as nn.functional.…) or another FnPlan
     (a helper function that reaches attention)."""
 
     __slots__ = ("fn", "replace")
@@ -154,6 +155,8 @@ def plan_for(fn, depth: int = 0) -> Optional[FnPlan]:
             replace[name] = "F"
         elif value is torch and "scaled_dot_product_attention" in names and "functional" in names:
             replace[name] = "torch"
+        elif value is torch.nn and "scaled_dot_product_attention" in names and "functional" in names:
+            replace[name] = "nn"  # nn.functional.scaled_dot_product_attention (HunyuanVideo 1.5's VAE)
         elif (isinstance(value, types.FunctionType) and depth < _MAX_HELPER_DEPTH
               and not (value.__module__ or "").startswith("torch")):
             sub = plan_for(value, depth + 1)
@@ -272,6 +275,8 @@ class _SiteFunctions:
             if self._torch is None:
                 self._torch = torch_proxy(self.value("F"))
             return self._torch
+        if how == "nn":
+            return self.value("torch").nn
         if how == "dispatch_module":
             if self._dmod is None:
                 self._dmod = _ProxyModule(_dispatch_module(), {"dispatch_attention_fn": self.dispatch})

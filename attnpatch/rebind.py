@@ -61,6 +61,9 @@ def sdpa_replacements(fn: Callable, sdpa: Callable, extra: Optional[Dict[str, ob
         elif value is torch and "nn" in names:
             functional = functional or functional_proxy(sdpa)
             out[name] = torch_proxy(functional)
+        elif value is torch.nn and "functional" in names:  # nn.functional.scaled_dot_product_attention
+            functional = functional or functional_proxy(sdpa)
+            out[name] = torch_proxy(functional).nn
     if extra:
         for name, value in extra.items():
             if name in names:

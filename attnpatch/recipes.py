@@ -508,9 +508,19 @@ def load_file(path: Union[str, "os.PathLike[str]"]) -> Recipe:
 
 
 def _recipe_dir():
+    """The shipped recipes: the installed ``attnpatch.recipe_files`` package, or, in a source checkout
+    that is not installed, the repository's ``recipes/`` folder."""
     from importlib import resources
 
-    return resources.files("attnpatch.recipe_files")
+    try:
+        return resources.files("attnpatch.recipe_files")
+    except ModuleNotFoundError:
+        import pathlib
+
+        here = pathlib.Path(__file__).resolve().parent.parent / "recipes"
+        if here.is_dir():
+            return here
+        raise
 
 
 @lru_cache(maxsize=1)

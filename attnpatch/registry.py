@@ -67,7 +67,8 @@ class Backend:
 
     * ``NAME`` — the token used in ``backend=``, ``ATTNPATCH_BACKEND``, recipes and the CLI.
     * ``PACKAGE`` / ``MIN_VERSION`` / ``EXTRA`` — the distribution that provides the kernel, its minimum
-      version and the ``attnpatch[extra]`` that installs it (``None`` for torch itself).
+      version and the ``attnpatch[extra]`` that installs it (``None`` for torch itself);
+      ``INSTALL_HINT`` replaces the extra in messages for packages that are not on PyPI.
     * ``LOSSY`` — True for approximate kernels (8-bit, fp8): never chosen by auto without an opt-in.
     * ``SUPPORTS_BACKWARD``, ``SUPPORTS_DROPOUT``, ``SUPPORTS_GQA``, ``SUPPORTS_CAUSAL``,
       ``SUPPORTS_CAUSAL_WITH_MASK``, ``SUPPORTS_CROSS`` (seq_q != seq_kv), ``SUPPORTS_V_HEAD_DIM_DIFFERENT``.
@@ -86,6 +87,7 @@ class Backend:
     PACKAGE: Optional[str] = None
     MIN_VERSION: Optional[str] = None
     EXTRA: Optional[str] = None
+    INSTALL_HINT: Optional[str] = None  # how to install PACKAGE when no extra covers it
     LOSSY: bool = False
     SUPPORTS_BACKWARD: bool = True
     SUPPORTS_DROPOUT: bool = False
@@ -126,7 +128,8 @@ class Backend:
         try:
             version = importlib.metadata.version(self.PACKAGE)
         except importlib.metadata.PackageNotFoundError:
-            hint = f"pip install 'attnpatch[{self.EXTRA}]'" if self.EXTRA else f"pip install {self.PACKAGE}"
+            hint = self.INSTALL_HINT or (f"pip install 'attnpatch[{self.EXTRA}]'" if self.EXTRA
+                                         else f"pip install {self.PACKAGE}")
             return [f"package {self.PACKAGE} is not installed ({hint})"]
         self._version = version
         if self.MIN_VERSION and not version_at_least(version, self.MIN_VERSION):

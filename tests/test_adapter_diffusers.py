@@ -634,7 +634,7 @@ def test_every_processor_class_in_installed_diffusers_is_classified():
     for expected in ("FluxAttnProcessor", "Flux2KVAttnProcessor", "WanAttnProcessor", "AttnProcessor2_0",
                      "JointAttnProcessor2_0", "HunyuanVideoAttnProcessor2_0", "QwenDoubleStreamAttnProcessor2_0",
                      "CogVideoXAttnProcessor2_0", "LTXVideoAttnProcessor", "ZSingleStreamAttnProcessor",
-                     "WanAttentionBlock", "VidTokAttnBlock"):
+                     "WanAttentionBlock", "VidTokAttnBlock", "HunyuanVideo15AttnBlock", "HunyuanImageRefinerAttnBlock"):
         assert expected in names, expected
     assert len(found) >= 100, len(found)
     site = attnpatch.Site(path="scan", adapter="diffusers")
@@ -650,7 +650,7 @@ def test_every_processor_class_in_installed_diffusers_is_classified():
                 return True
             if v is F and "scaled_dot_product_attention" in names:
                 return True
-            if v is torch and {"functional", "scaled_dot_product_attention"} <= names:
+            if (v is torch or v is torch.nn) and {"functional", "scaled_dot_product_attention"} <= names:
                 return True
             if v is AD and "dispatch_attention_fn" in names:
                 return True

@@ -35,7 +35,7 @@ SAGE2 = ("sage_fp16_triton", "sage_fp16_cuda", "sage_fp8_cuda", "sage_fp8_cuda_s
 def test_every_third_party_backend_is_builtin():
     assert set(THIRD_PARTY) == {"flash_attn", "flash_attn3", "flash_attn4", "xformers", "sage", "sage3", *SAGE2}
     for name, cls in THIRD_PARTY.items():
-        assert cls.PACKAGE and cls.MIN_VERSION and cls.EXTRA in ("flash", "xformers", "sage"), name
+        assert cls.PACKAGE and cls.MIN_VERSION and (cls.EXTRA in ("flash", "flash4", "xformers", "sage") or cls.INSTALL_HINT), name
         assert cls.SUPPORTED_DEVICES == frozenset({"cuda"}), name
         assert cls.LOSSY == name.startswith("sage"), name
         assert cls.SUPPORTS_BACKWARD == (not cls.LOSSY), name
@@ -376,7 +376,11 @@ def test_probe_missing_package_names_the_extra(monkeypatch, name):
     fake_versions(monkeypatch, {LIBRARIES[name][0]: None})
     reasons = fresh(name).availability()
     assert len(reasons) == 1 and "is not installed" in reasons[0]
-    assert f"attnpatch[{THIRD_PARTY[name].EXTRA}]" in reasons[0]
+    cls = THIRD_PARTY[name]
+    if cls.INSTALL_HINT:  # not on PyPI: the message says how to build it
+        assert cls.EXTRA is None and cls.INSTALL_HINT in reasons[0]
+    else:
+        assert f"attnpatch[{cls.EXTRA}]" in reasons[0]
 
 
 def test_probe_old_version(standin):

@@ -44,7 +44,8 @@ class FlashAttn3Backend(ThirdPartyBackend):
     DESCRIPTION = "FlashAttention 3 (flash_attn_3 package, Hopper): exact, key-padding masks via varlen"
     PACKAGE = "flash_attn_3"
     MIN_VERSION = "3.0.0b1"
-    EXTRA = "flash"
+    EXTRA = None
+    INSTALL_HINT = "build FlashAttention-3 from source: the hopper/ folder of Dao-AILab/flash-attention (it is not on PyPI)"
     MODULE = "flash_attn_interface"
     REQUIRED_ATTRS = ("flash_attn_func", "flash_attn_varlen_func")
     LOSSY = False

@@ -36,7 +36,7 @@ class FlashAttn4Backend(ThirdPartyBackend):
     DESCRIPTION = "FlashAttention 4 (flash-attn-4 package, CuTe DSL; Hopper and Blackwell)"
     PACKAGE = "flash-attn-4"
     MIN_VERSION = "4.0.0b1"
-    EXTRA = "flash"
+    EXTRA = "flash4"
     MODULE = "flash_attn.cute"
     REQUIRED_ATTRS = ("flash_attn_func",)
     LOSSY = False

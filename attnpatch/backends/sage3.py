@@ -41,7 +41,8 @@ class Sage3Backend(ThirdPartyBackend):
     DESCRIPTION = "SageAttention 3 sageattn3_blackwell (FP4 on Blackwell; lossy, forward only)"
     PACKAGE = "sageattn3"
     MIN_VERSION = "1.0.0"
-    EXTRA = "sage"
+    EXTRA = None
+    INSTALL_HINT = "build SageAttention3 from source (Blackwell GPUs; it is not on PyPI)"
     MODULE = "sageattn3"
     REQUIRED_ATTRS = ("sageattn3_blackwell",)
     LOSSY = True
