@@ -30,13 +30,15 @@ _FALSE = {"0", "false", "no", "off", ""}
 _LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(eq=False)
 class Scope:
     """One layer of control. ``backends`` is None for "no opinion", `AUTO` (empty) for auto, else the
     names in priority order.
     ``strict`` and ``allow_lossy`` are None when this layer leaves them to the layer below.
     ``source`` names where it came from, for messages (e.g. "use_backend()").
-    Scopes compare by identity: the router caches decisions per scope object."""
+    Scopes compare by identity: the router caches decisions per scope object, so a Scope is never
+    changed after it is made (make a new one instead). Not a frozen dataclass: torch < 2.14's dynamo
+    cannot pass frozen dataclass instances to the trace-time decision."""
 
     backends: Optional[Tuple[str, ...]] = None
     strict: Optional[bool] = None

@@ -171,6 +171,7 @@ def decide(call: Call, arg_names, ctx: Optional[Scope], site: Optional[Scope], f
         if full:
             _fill_rest(call, env, reasons)
         return Decision(chosen, f"{source} ({how})", (), (), reasons)
+    registry.check_names(names, source)  # a backend unregistered since the scope or env was set
     chosen = None
     for name in names:
         b = registry.get_backend(name)

@@ -96,6 +96,9 @@ CASES = ("plain", "d128", "scale", "causal", "causal_q_shorter", "causal_q_longe
          "key_padding", "bool_mask", "additive_mask")
 DTYPES = (torch.float16, torch.bfloat16)
 ALL_NAMES = [cls.NAME for cls in __import__("attnpatch.backends", fromlist=["BUILTIN"]).BUILTIN]
+#: Backends whose declared minimum length (fp8: 16384 keys, where it beats cuDNN) is above every case of
+#: the shared accuracy matrix; their GPU accuracy tests live beside their kernel (tests/test_fp8_kernel.py).
+LONG_ONLY = {"fp8"}
 
 
 def _dead_rows(q, kw):
@@ -111,7 +114,7 @@ def _dead_rows(q, kw):
     return ~keep.expand(q.shape[0], q.shape[1], q.shape[2], keep.shape[-1]).any(-1)
 
 
-@pytest.mark.parametrize("name", ALL_NAMES)
+@pytest.mark.parametrize("name", [n for n in ALL_NAMES if n not in LONG_ONLY])
 def test_accuracy_matrix(name):
     """Each backend, where eligible, within 2x the math kernel's error (+ a small absolute term) of the
     fp64 reference; lossy ones within their declared bound. Fully masked rows must be exactly zero."""

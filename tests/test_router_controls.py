@@ -570,3 +570,17 @@ def test_use_backend_is_isolated_across_asyncio_tasks():
     assert outside == "sdpa"
     assert results == [["sdpa_math", "sdpa_math"], ["eager", "eager"]]
     assert attnpatch.stats().calls == {"sdpa_math": 1, "eager": 1}
+
+
+@pytest.mark.parametrize("fake", [_Recording], indirect=True)
+def test_backend_unregistered_while_named_by_a_scope(fake):
+    q, k, v = qkv()
+    with attnpatch.use_backend("fake_recording"):
+        attnpatch.attention_forward(q, k, v)
+        assert CALLS["fake_recording"] == 1
+        attnpatch.unregister_backend("fake_recording")
+        with pytest.raises(ValueError, match=r"unknown attention backend 'fake_recording' from use_backend\(\); "
+                                             r"valid names: auto, "):
+            attnpatch.attention_forward(q, k, v)
+    attnpatch.attention_forward(q, k, v)  # outside the scope, auto still works
+    assert attnpatch.stats().calls.get("sdpa") == 1
