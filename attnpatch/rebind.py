@@ -10,7 +10,10 @@ patched module or processor runs the copy.
 
 from __future__ import annotations
 
+import itertools
+import sys
 import types
+import weakref
 from typing import Callable, Dict, Optional
 
 import torch
@@ -82,12 +85,27 @@ def calls_sdpa(fn: Callable) -> bool:
     return any(fn.__globals__.get(n) is _SDPA for n in code.co_names)
 
 
+_COUNTER = itertools.count()
+
+
 def rebind(fn: Callable, replacements: Dict[str, object]) -> Callable:
-    """A copy of plain function ``fn`` whose globals have ``replacements`` applied."""
+    """A copy of plain function ``fn`` whose globals have ``replacements`` applied.
+
+    The copied globals are the ``__dict__`` of a private module registered in ``sys.modules`` under
+    a unique name (and removed when the copy is garbage-collected): torch.compile (dynamo) finds a
+    function's globals by importing ``__name__``, so they must be importable to be traced and guarded.
+    """
     if isinstance(fn, types.MethodType):
         raise TypeError("rebind expects a plain function (use type(obj).method), got a bound method")
-    g = dict(fn.__globals__)
+    original = str(fn.__globals__.get("__name__", "module")).replace(".", "_")
+    name = f"_attnpatch_rebound_{next(_COUNTER)}_{original}"
+    module = types.ModuleType(name)
+    g = module.__dict__
+    g.update(fn.__globals__)
     g.update(replacements)
+    g["__name__"] = name
+    g.pop("__spec__", None)
+    g.pop("__loader__", None)
     new = types.FunctionType(fn.__code__, g, fn.__name__, fn.__defaults__, fn.__closure__)
     new.__kwdefaults__ = fn.__kwdefaults__
     new.__dict__.update(fn.__dict__)
@@ -96,6 +114,8 @@ def rebind(fn: Callable, replacements: Dict[str, object]) -> Callable:
     new.__doc__ = fn.__doc__
     new.__wrapped__ = fn
     new.__annotations__ = fn.__annotations__
+    sys.modules[name] = module
+    weakref.finalize(new, sys.modules.pop, name, None)
     return new
 
 

@@ -104,6 +104,7 @@ class Backend:
     MAX_HEAD_DIM: Optional[int] = None
     HEAD_DIM_MULTIPLE: int = 1
     MIN_SEQ_KV: int = 1
+    MIN_SEQ_KV_WHY: str = "where this kernel is accurate"
     CUDA_MIN_CAPABILITY: Optional[tuple] = None
     CUDA_MAX_CAPABILITY: Optional[tuple] = None
     NATIVE_LAYOUT: str = "bnsd"
@@ -214,7 +215,7 @@ class Backend:
         if call.needs_grad and not self.SUPPORTS_BACKWARD:
             reasons.append("gradients are needed but this backend is forward-only")
         if call.seq_kv < self.MIN_SEQ_KV:
-            reasons.append(f"seq_kv={call.seq_kv} is below {self.MIN_SEQ_KV}, where this kernel is accurate")
+            reasons.append(f"seq_kv={call.seq_kv} is below {self.MIN_SEQ_KV}, {self.MIN_SEQ_KV_WHY}")
         if not reasons:
             reasons.extend(self.extra_reasons(call))
         return reasons
