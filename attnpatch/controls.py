@@ -15,8 +15,10 @@ import contextlib
 import contextvars
 import logging
 import os
+import itertools
 import threading
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
 from typing import Iterator, Optional, Sequence, Tuple, Union
 
 from . import registry
@@ -37,14 +39,28 @@ class Scope:
     ``strict`` and ``allow_lossy`` are None when this layer leaves them to the layer below.
     ``source`` names where it came from, for messages (e.g. "use_backend()").
     Scopes compare by identity: the router caches decisions per scope object, so a Scope is never
-    changed after it is made (make a new one instead). Not a frozen dataclass: torch < 2.14's dynamo
-    cannot pass frozen dataclass instances to the trace-time decision."""
+    changed after it is made (make a new one instead). ``token`` is a unique int: under
+    torch.compile only plain constants may cross into the trace-time decision, so the compiled path
+    passes the token and looks the scope up with `scope_by_token`."""
 
     backends: Optional[Tuple[str, ...]] = None
     strict: Optional[bool] = None
     allow_lossy: Optional[bool] = None
     source: str = ""
     site: object = None  # a patch's site record (adapters pass the Scope to router.route), for reports
+    token: int = field(default_factory=lambda: next(_TOKENS), init=False)
+
+    def __post_init__(self) -> None:
+        _BY_TOKEN[self.token] = self
+
+
+_TOKENS = itertools.count(1)
+_BY_TOKEN: "weakref.WeakValueDictionary[int, Scope]" = weakref.WeakValueDictionary()
+
+
+def scope_by_token(token: Optional[int]) -> Optional[Scope]:
+    """The live Scope with this token (None for None)."""
+    return None if token is None else _BY_TOKEN[token]
 
 
 #: ``Scope.backends`` value meaning "auto, explicitly" (None means "no opinion: ask the next layer").

@@ -369,8 +369,8 @@ COMPILED_DECISIONS: set = set()
 def _compile_decision(meta, layout, is_causal, scale, dropout_p, grad, backend, ctx, site):
     """Run eagerly while torch.compile traces (see `_traced_forward`): validate, decide, and return
     only constants (backend name, the Call's fields, the mask form)."""
-    if isinstance(ctx, str) and ctx == _READ_CONTEXT_AT_TRACE:
-        ctx = _CONTEXT.get()
+    ctx = _CONTEXT.get() if isinstance(ctx, str) and ctx == _READ_CONTEXT_AT_TRACE else controls.scope_by_token(ctx)
+    site = controls.scope_by_token(site)
     call, spec = call_from_meta(meta, layout, is_causal, scale, dropout_p, grad, compiling=True)
     arg_names = _arg_names(backend)
     dkey = (call.signature(), call.heads_q, call.heads_kv, arg_names, ctx, site, controls.env_settings())
@@ -404,10 +404,16 @@ def _traced_forward(site, query, key, value, layout, attn_mask, is_causal, scale
     the scopes and shapes), and the chosen backend's runner is traced into the graph."""
     grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
     meta = tensor_meta(query, key, value, attn_mask)
-    ctx = _CONTEXT.get() if _DYNAMO_GUARDS_CONTEXTVARS else _READ_CONTEXT_AT_TRACE
+    if _DYNAMO_GUARDS_CONTEXTVARS:
+        ctx = _CONTEXT.get()
+        ctx = None if ctx is None else ctx.token
+    else:
+        ctx = _READ_CONTEXT_AT_TRACE
+    # Only constants cross into the trace-time decision (torch 2.11's dynamo insists): scope tokens.
     name, fields, spec = _compile_decision(
         meta, layout, is_causal, scale, dropout_p, grad,
-        backend if backend is None or isinstance(backend, str) else tuple(backend), ctx, site)
+        backend if backend is None or isinstance(backend, str) else tuple(backend), ctx,
+        None if site is None else site.token)
     call = Call(*fields)
     b = registry.get_backend(name)
     run = _wrap(b.build(call), call, spec, b.NATIVE_LAYOUT)
