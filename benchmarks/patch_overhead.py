@@ -32,6 +32,7 @@ import gc
 import json
 import os
 import platform
+import math
 import statistics
 import sys
 import time
@@ -179,8 +180,12 @@ def first_tensor(out):
 
 def compare(out, ref) -> Dict[str, float]:
     a, b = first_tensor(out).float(), first_tensor(ref).float()
+    mse = (a - b).pow(2).mean().item()
+    peak = b.abs().max().item()
     return {"max_abs_diff": (a - b).abs().max().item(),
             "rel_l2": ((a - b).norm() / b.norm().clamp_min(1e-30)).item(),
+            # PSNR of the output latent against stock, peak = max |stock| (inf when identical)
+            "psnr_db": float("inf") if mse == 0 else 10 * math.log10(peak * peak / mse),
             "bitwise_equal": bool(torch.equal(first_tensor(out), first_tensor(ref)))}
 
 
@@ -260,6 +265,15 @@ def bench_model(name: str, args, device, dtype, deadline: float) -> Dict[str, An
     V["attnpatch auto"]["backends"] = backends_used(patch)
     patch.remove()
 
+    for recipe in args.recipes:  # e.g. wan-lossy: fp8 / 8-bit kernels in the DiT's self-attention only
+        import attnpatch
+
+        patch = attnpatch.apply(model, recipe=recipe)
+        record(f"attnpatch recipe {recipe}", run, {"recipe": recipe})
+        if f"attnpatch recipe {recipe}" in V:
+            V[f"attnpatch recipe {recipe}"]["backends"] = backends_used(patch)
+        patch.remove()
+
     reg = AD._AttentionBackendRegistry
     saved = reg._active_backend
     for be in ("_native_cudnn", "_native_flash", "_native_efficient"):
@@ -333,8 +347,8 @@ def markdown(results: Dict[str, Any]) -> str:
     for res in results["models"]:
         lines += [f"## {res['config']}", "",
                   f"{res['params_b']:.2f} B parameters, {res['tokens']} tokens, {res['attention_modules']} attention modules.", "",
-                  "| variant | median ms | vs stock | min ms | peak GiB | max abs diff vs stock | rel L2 | bitwise | notes |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "| variant | median ms | vs stock | min ms | peak GiB | max abs diff vs stock | rel L2 | PSNR dB | bitwise | notes |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for label, r in res["variants"].items():
             if "median_ms" not in r:
                 lines.append(f"| {label} | – | – | – | – | – | – | – | {r.get('error') or r.get('skipped')} |")
@@ -351,7 +365,8 @@ def markdown(results: Dict[str, Any]) -> str:
             peak = f"{r['peak_gib']:.2f}" if r.get("peak_gib") is not None else "–"
             lines.append(
                 f"| {label} | {r['median_ms']:.2f} | {r.get('vs_stock', 1.0):.3f} | {r['min_ms']:.2f} | {peak} | "
-                f"{r.get('max_abs_diff', 0.0):.3g} | {r.get('rel_l2', 0.0):.3g} | {r.get('bitwise_equal', '–')} | "
+                f"{r.get('max_abs_diff', 0.0):.3g} | {r.get('rel_l2', 0.0):.3g} | {r.get('psnr_db', float('inf')):.1f} | "
+                f"{r.get('bitwise_equal', '–')} | "
                 f"{'; '.join(notes)} |")
         lines.append("")
     lines.append(f"Total wall time: {results['wall_s']:.0f} s.")
@@ -365,6 +380,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--compile", action="store_true", help="also torch.compile stock and patched models")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (default inductor)")
     p.add_argument("--small", action="store_true", help="tiny configs (CPU unless a GPU exists): checks the script")
+    p.add_argument("--recipe", action="append", dest="recipes", default=[],
+                   help="also time attnpatch.apply(model, recipe=NAME) (repeatable), e.g. wan-lossy for the "
+                        "fp8 kernel in Wan's self-attention; reports relative error and PSNR vs stock")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--budget-s", type=float, default=420.0,

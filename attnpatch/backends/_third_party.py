@@ -215,3 +215,29 @@ def version_of(package: str) -> Optional[str]:
 
 __all__ = ["ThirdPartyBackend", "register_op", "causal_plan", "key_padding_keep", "pack_keys",
            "query_cu_seqlens", "first_output", "describe_import_error", "version_at_least", "version_of"]
+
+
+def run_flash_api(fa, q, k, v, mask, is_causal, kwargs):
+    """Call a flash-attn style module (``flash_attn_func`` / ``flash_attn_varlen_func``, bsnd) with SDPA's
+    conventions: causal translated from flash-attn's bottom-right alignment to top-left (`causal_plan`),
+    key-padding masks packed for the varlen entry point (any pattern), rows with no kept key set to 0.
+    ``kwargs`` carries what differs between releases (softmax_scale, dropout_p)."""
+    b, s_q = q.shape[0], q.shape[1]
+    s_kv = k.shape[1]
+    kwargs = dict(kwargs, causal=False)
+    if is_causal:
+        keys, flag, right = causal_plan(s_q, s_kv)
+        if keys is not None:
+            k, v = k[:, :keys], v[:, :keys]
+        kwargs["causal"] = flag
+        if right is not None:
+            kwargs["window_size"] = (-1, right)
+    if mask is None:
+        return first_output(fa.flash_attn_func(q, k, v, **kwargs))
+    keep = key_padding_keep(mask, b, s_kv)
+    kp, vp, cu_k, dead = pack_keys(keep, k, v)
+    out = first_output(fa.flash_attn_varlen_func(
+        q.reshape(b * s_q, *q.shape[2:]), kp, vp, query_cu_seqlens(b, s_q, q.device), cu_k, s_q, s_kv,
+        **kwargs))
+    out = out.reshape(b, s_q, *out.shape[1:])
+    return out.masked_fill(dead[:, None, None, None], 0)

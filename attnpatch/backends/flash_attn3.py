@@ -10,33 +10,14 @@ from __future__ import annotations
 
 import torch
 
-from ._third_party import (ThirdPartyBackend, causal_plan, first_output, key_padding_keep, pack_keys,
-                           query_cu_seqlens, register_op)
+from ._third_party import ThirdPartyBackend, register_op, run_flash_api
 
 
 def flash_attn3_kernel(fa3, q, k, v, mask, is_causal, scale, dropout_p):
     """FA3 on bsnd tensors; ``fa3`` is ``flash_attn_interface`` (or a stand-in with its API)."""
     if dropout_p:
         raise ValueError(f"flash_attn3 has no dropout (dropout_p={dropout_p}); the router refuses such calls")
-    b, s_q = q.shape[0], q.shape[1]
-    s_kv = k.shape[1]
-    kwargs = {"softmax_scale": scale, "causal": False}
-    if is_causal:
-        keys, flag, right = causal_plan(s_q, s_kv)
-        if keys is not None:
-            k, v = k[:, :keys], v[:, :keys]
-        kwargs["causal"] = flag
-        if right is not None:
-            kwargs["window_size"] = (-1, right)
-    if mask is None:
-        return first_output(fa3.flash_attn_func(q, k, v, **kwargs))
-    keep = key_padding_keep(mask, b, s_kv)
-    kp, vp, cu_k, dead = pack_keys(keep, k, v)
-    out = first_output(fa3.flash_attn_varlen_func(
-        q.reshape(b * s_q, *q.shape[2:]), kp, vp, query_cu_seqlens(b, s_q, q.device), cu_k, s_q, s_kv,
-        **kwargs))
-    out = out.reshape(b, s_q, *out.shape[1:])
-    return out.masked_fill(dead[:, None, None, None], 0)
+    return run_flash_api(fa3, q, k, v, mask, is_causal, {"softmax_scale": scale})
 
 
 class FlashAttn3Backend(ThirdPartyBackend):
