@@ -584,3 +584,34 @@ def test_backend_unregistered_while_named_by_a_scope(fake):
             attnpatch.attention_forward(q, k, v)
     attnpatch.attention_forward(q, k, v)  # outside the scope, auto still works
     assert attnpatch.stats().calls.get("sdpa") == 1
+
+
+def test_pinned_kernels_in_threads_restore_torch_flags():
+    # Pinning sets torch's process-wide SDPA flags around the call; concurrent pinned calls must not
+    # leave them changed (the set/restore steps are serialised).
+    import threading
+
+    before = (torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.math_sdp_enabled(),
+              torch.backends.cuda.mem_efficient_sdp_enabled())
+    q = torch.randn(1, 2, 8, 16)
+    barrier = threading.Barrier(2)
+    errors = []
+
+    def work(name):
+        try:
+            barrier.wait()
+            for _ in range(300):
+                out = attnpatch.attention_forward(q, q, q, backend=name)
+                assert torch.isfinite(out).all()
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in ("sdpa_math", "sdpa_flash")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    after = (torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.math_sdp_enabled(),
+             torch.backends.cuda.mem_efficient_sdp_enabled())
+    assert after == before

@@ -10,6 +10,7 @@ than the `sdpa_kernel` context manager.
 
 from __future__ import annotations
 
+import threading
 import warnings
 from typing import List, Optional
 
@@ -93,6 +94,7 @@ def _flag_accessors():
 
 
 _FLAGS = _flag_accessors()
+_FLAGS_LOCK = threading.Lock()
 
 
 def pinned_call(kernel: str, compiling: bool):
@@ -111,14 +113,17 @@ def pinned_call(kernel: str, compiling: bool):
     restore = tuple(put for _, put, _ in _FLAGS)
 
     def call_with_flags(sdpa, *args, **kwargs):
-        saved = [g() for g in getters]
-        for put, on in pin:
-            put(on)
-        try:
-            return sdpa(*args, **kwargs)
-        finally:
-            for put, was in zip(restore, saved):
-                put(was)
+        # torch's flags are process-wide: the lock keeps two threads' pinned calls from interleaving
+        # their set/restore steps (held only while the kernel is launched, not while it runs).
+        with _FLAGS_LOCK:
+            saved = [g() for g in getters]
+            for put, on in pin:
+                put(on)
+            try:
+                return sdpa(*args, **kwargs)
+            finally:
+                for put, was in zip(restore, saved):
+                    put(was)
     return call_with_flags
 
 
