@@ -170,13 +170,18 @@ def _exp2_f16(x):
 
 @triton.jit
 def _attn_block(acc, l_i, m_i, q, qs, k_base, ks_base, v_base, kp_base,
+                k_desc, v_desc, k_row0, v_row0,
                 start_n, offs_m, offs_n, offs_d,
                 SKV, SKV_PAD, stride_vs, stride_vd,
                 D: tl.constexpr, BN: tl.constexpr,
                 MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KP: tl.constexpr,
-                EXP_F16: tl.constexpr, MAGIC: tl.constexpr, PV_FP8: tl.constexpr):
+                EXP_F16: tl.constexpr, MAGIC: tl.constexpr, PV_FP8: tl.constexpr,
+                USE_TMA: tl.constexpr):
     cols = start_n + offs_n
-    k = tl.load(k_base + cols[:, None] * D + offs_d[None, :])  # (BN, D) int8, padded
+    if USE_TMA:
+        k = k_desc.load([k_row0 + start_n, 0])  # (BN, D) int8 via TMA
+    else:
+        k = tl.load(k_base + cols[:, None] * D + offs_d[None, :])  # (BN, D) int8, padded
     ks = tl.load(ks_base + start_n // BN)
     qk = tl.dot(q, tl.trans(k), out_dtype=tl.int32)  # (BM, BN) int32, exact
     c = qs * ks
@@ -206,7 +211,10 @@ def _attn_block(acc, l_i, m_i, q, qs, k_base, ks_base, v_base, kp_base,
         l_i = l_i * alpha + tl.sum(p16.to(tl.float32), 1)
         acc = acc * alpha[:, None]
         if PV_FP8:
-            vt = tl.load(v_base + offs_d[:, None] * SKV_PAD + cols[None, :])  # (D, BN) fp8
+            if USE_TMA:
+                vt = v_desc.load([v_row0, start_n])  # (D, BN) fp8 via TMA
+            else:
+                vt = tl.load(v_base + offs_d[:, None] * SKV_PAD + cols[None, :])  # (D, BN) fp8
             acc = tl.dot(p16.to(tl.float8e4nv), tl.trans(vt), acc)
         else:
             v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :] * stride_vd,
@@ -217,7 +225,10 @@ def _attn_block(acc, l_i, m_i, q, qs, k_base, ks_base, v_base, kp_base,
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         if PV_FP8:
-            vt = tl.load(v_base + offs_d[:, None] * SKV_PAD + cols[None, :])  # (D, BN) fp8
+            if USE_TMA:
+                vt = v_desc.load([v_row0, start_n])  # (D, BN) fp8 via TMA
+            else:
+                vt = tl.load(v_base + offs_d[:, None] * SKV_PAD + cols[None, :])  # (D, BN) fp8
             acc = tl.dot(p.to(tl.float8e4nv), tl.trans(vt), acc)
         else:
             v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :] * stride_vd,
@@ -227,7 +238,8 @@ def _attn_block(acc, l_i, m_i, q, qs, k_base, ks_base, v_base, kp_base,
 
 
 @triton.jit
-def _attn_fwd_kernel(Q8, QS, K8, KS, VQ, VS, VM, KP, O,
+def _attn_fwd_kernel(Q8, QS, K8, KS, VQ, VS, VM, KP, O, K_DESC, V_DESC, qmul,
+                     stride_qb, stride_qh, stride_qs, stride_qd,
                      stride_vb, stride_vh, stride_vs, stride_vd,
                      stride_ob, stride_oh, stride_os, stride_od,
                      stride_kpb,
@@ -235,7 +247,15 @@ def _attn_fwd_kernel(Q8, QS, K8, KS, VQ, VS, VM, KP, O,
                      SQ_BUCKET, SKV_BUCKET,
                      D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                      IS_CAUSAL: tl.constexpr, HAS_KP: tl.constexpr,
-                     EXP_F16: tl.constexpr, MAGIC: tl.constexpr, PV_FP8: tl.constexpr):
+                     EXP_F16: tl.constexpr, MAGIC: tl.constexpr, PV_FP8: tl.constexpr,
+                     FUSE_Q: tl.constexpr, USE_TMA: tl.constexpr, WS: tl.constexpr = False):
+    """FUSE_Q: Q8 is the bf16/fp16 query (strides stride_q*) and this program
+    quantizes its own tile exactly as _quant_q_kernel does (QS unused); else Q8/QS
+    are the int8 query and its per-token scales, (b, h, sq, d) contiguous.
+    USE_TMA: K and V^T tiles are loaded through the host TMA descriptors
+    K_DESC ((b*hkv*skv_pad, d), block (BN, d)) and V_DESC ((b*hkv*d, skv_pad),
+    block (d, BN)) instead of pointer arithmetic.  WS: warp-specialize the
+    unmasked key loop (tl.range(warp_specialize=True))."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -246,8 +266,21 @@ def _attn_fwd_kernel(Q8, QS, K8, KS, VQ, VS, VM, KP, O,
     offs_n = tl.arange(0, BN)
     offs_d = tl.arange(0, D)
     qm = offs_m < SQ
-    q = tl.load(Q8 + (bh * SQ + offs_m[:, None]) * D + offs_d[None, :], mask=qm[:, None], other=0)
-    qs = tl.load(QS + bh * SQ + offs_m, mask=qm, other=1.0)
+    if FUSE_Q:
+        qf = tl.load(Q8 + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs
+                     + offs_d[None, :] * stride_qd, mask=qm[:, None], other=0.0).to(tl.float32)
+        qf = qf * qmul
+        qamax = tl.maximum(tl.max(tl.abs(qf), 1), TINY)
+        qinv = tl.math.div_rn(tl.full([BM], 127.0, tl.float32), qamax)
+        qs = tl.math.div_rn(qamax, tl.full([BM], 127.0, tl.float32))
+        qr = _round_half_away(qf * qinv[:, None])
+        q = tl.minimum(tl.maximum(qr, -127), 127).to(tl.int8)
+        qs = tl.where(qm, qs, 1.0)
+    else:
+        q = tl.load(Q8 + (bh * SQ + offs_m[:, None]) * D + offs_d[None, :], mask=qm[:, None], other=0)
+        qs = tl.load(QS + bh * SQ + offs_m, mask=qm, other=1.0)
+    k_row0 = bhk * SKV_PAD
+    v_row0 = bhk * D
     k_base = K8 + bhk * SKV_PAD * D
     ks_base = KS + bhk * (SKV_PAD // BN)
     if PV_FP8:
@@ -264,16 +297,20 @@ def _attn_fwd_kernel(Q8, QS, K8, KS, VQ, VS, VM, KP, O,
     else:
         hi = SKV
         full_end = (SKV // BN) * BN
-    for start_n in range(0, full_end, BN):
+    for start_n in tl.range(0, full_end, BN, warp_specialize=WS):
         acc, l_i, m_i = _attn_block(acc, l_i, m_i, q, qs, k_base, ks_base, v_base, kp_base,
+                                    K_DESC, V_DESC, k_row0, v_row0,
                                     start_n, offs_m, offs_n, offs_d,
                                     SKV, SKV_PAD, stride_vs, stride_vd,
-                                    D, BN, False, IS_CAUSAL, HAS_KP, EXP_F16, MAGIC, PV_FP8)
+                                    D, BN, False, IS_CAUSAL, HAS_KP, EXP_F16, MAGIC, PV_FP8,
+                                    USE_TMA)
     for start_n in range(full_end, hi, BN):
         acc, l_i, m_i = _attn_block(acc, l_i, m_i, q, qs, k_base, ks_base, v_base, kp_base,
+                                    K_DESC, V_DESC, k_row0, v_row0,
                                     start_n, offs_m, offs_n, offs_d,
                                     SKV, SKV_PAD, stride_vs, stride_vd,
-                                    D, BN, True, IS_CAUSAL, HAS_KP, EXP_F16, MAGIC, PV_FP8)
+                                    D, BN, True, IS_CAUSAL, HAS_KP, EXP_F16, MAGIC, PV_FP8,
+                                    USE_TMA)
     pos = l_i > 0
     l_safe = tl.where(pos, l_i, 1.0)
     o = acc / l_safe[:, None]
@@ -307,7 +344,8 @@ def _prune(configs, named_args, **kwargs):
 
 _attn_fwd = triton.autotune(
     configs=_configs(),
-    key=["D", "SQ_BUCKET", "SKV_BUCKET", "IS_CAUSAL", "HAS_KP", "EXP_F16", "MAGIC", "PV_FP8"],
+    key=["D", "SQ_BUCKET", "SKV_BUCKET", "IS_CAUSAL", "HAS_KP", "EXP_F16", "MAGIC", "PV_FP8",
+         "FUSE_Q", "USE_TMA", "WS"],
     prune_configs_by={"early_config_prune": _prune},
 )(_attn_fwd_kernel)
 
