@@ -169,19 +169,23 @@ def _exp2_f16(x):
 
 
 @triton.jit
+def _exp2_ftz(x):
+    # ex2.approx with denormal results flushed to 0 (one MUFU op; tl.math.exp2 adds
+    # denormal handling).  Flushed values are < 2**-126: 0 in fp8 and in l anyway.
+    return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [x],
+                                     dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
 def _attn_block(acc, l_i, m_i, q, qs, k_base, ks_base, v_base, kp_base,
-                k_desc, v_desc, k_row0, v_row0,
                 start_n, offs_m, offs_n, offs_d,
                 SKV, SKV_PAD, stride_vs, stride_vd,
                 D: tl.constexpr, BN: tl.constexpr,
                 MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KP: tl.constexpr,
                 EXP_F16: tl.constexpr, MAGIC: tl.constexpr, PV_FP8: tl.constexpr,
-                USE_TMA: tl.constexpr):
+                FTZ_EXP: tl.constexpr, LAZY_RESCALE: tl.constexpr):
     cols = start_n + offs_n
-    if USE_TMA:
-        k = k_desc.load([k_row0 + start_n, 0])  # (BN, D) int8 via TMA
-    else:
-        k = tl.load(k_base + cols[:, None] * D + offs_d[None, :])  # (BN, D) int8, padded
+    k = tl.load(k_base + cols[:, None] * D + offs_d[None, :])  # (BN, D) int8, padded
     ks = tl.load(ks_base + start_n // BN)
     qk = tl.dot(q, tl.trans(k), out_dtype=tl.int32)  # (BM, BN) int32, exact
     c = qs * ks
@@ -211,24 +215,27 @@ def _attn_block(acc, l_i, m_i, q, qs, k_base, ks_base, v_base, kp_base,
         l_i = l_i * alpha + tl.sum(p16.to(tl.float32), 1)
         acc = acc * alpha[:, None]
         if PV_FP8:
-            if USE_TMA:
-                vt = v_desc.load([v_row0, start_n])  # (D, BN) fp8 via TMA
-            else:
-                vt = tl.load(v_base + offs_d[:, None] * SKV_PAD + cols[None, :])  # (D, BN) fp8
+            vt = tl.load(v_base + offs_d[:, None] * SKV_PAD + cols[None, :])  # (D, BN) fp8
             acc = tl.dot(p16.to(tl.float8e4nv), tl.trans(vt), acc)
         else:
             v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :] * stride_vd,
                         mask=(cols < SKV)[:, None], other=0.0)
             acc = tl.dot(p16.to(v.dtype), v, acc)
     else:
-        p = tl.math.exp2(arg)
+        if FTZ_EXP:
+            p = _exp2_ftz(arg)
+        else:
+            p = tl.math.exp2(arg)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
+        if LAZY_RESCALE:
+            # alpha is exactly 1 in rows whose max did not grow: skip the multiply
+            # of the whole accumulator when no row of the tile grew (exact)
+            if tl.max((m_new > m_i).to(tl.int32), 0) > 0:
+                acc = acc * alpha[:, None]
+        else:
+            acc = acc * alpha[:, None]
         if PV_FP8:
-            if USE_TMA:
-                vt = v_desc.load([v_row0, start_n])  # (D, BN) fp8 via TMA
-            else:
-                vt = tl.load(v_base + offs_d[:, None] * SKV_PAD + cols[None, :])  # (D, BN) fp8
+            vt = tl.load(v_base + offs_d[:, None] * SKV_PAD + cols[None, :])  # (D, BN) fp8
             acc = tl.dot(p.to(tl.float8e4nv), tl.trans(vt), acc)
         else:
             v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :] * stride_vd,
@@ -238,7 +245,7 @@ def _attn_block(acc, l_i, m_i, q, qs, k_base, ks_base, v_base, kp_base,
 
 
 @triton.jit
-def _attn_fwd_kernel(Q8, QS, K8, KS, VQ, VS, VM, KP, O, K_DESC, V_DESC, qmul,
+def _attn_fwd_kernel(Q8, QS, K8, KS, VQ, VS, VM, KP, O, qmul,
                      stride_qb, stride_qh, stride_qs, stride_qd,
                      stride_vb, stride_vh, stride_vs, stride_vd,
                      stride_ob, stride_oh, stride_os, stride_od,
@@ -248,14 +255,12 @@ def _attn_fwd_kernel(Q8, QS, K8, KS, VQ, VS, VM, KP, O, K_DESC, V_DESC, qmul,
                      D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                      IS_CAUSAL: tl.constexpr, HAS_KP: tl.constexpr,
                      EXP_F16: tl.constexpr, MAGIC: tl.constexpr, PV_FP8: tl.constexpr,
-                     FUSE_Q: tl.constexpr, USE_TMA: tl.constexpr, WS: tl.constexpr = False):
+                     FUSE_Q: tl.constexpr, FTZ_EXP: tl.constexpr, LAZY_RESCALE: tl.constexpr):
     """FUSE_Q: Q8 is the bf16/fp16 query (strides stride_q*) and this program
     quantizes its own tile exactly as _quant_q_kernel does (QS unused); else Q8/QS
     are the int8 query and its per-token scales, (b, h, sq, d) contiguous.
-    USE_TMA: K and V^T tiles are loaded through the host TMA descriptors
-    K_DESC ((b*hkv*skv_pad, d), block (BN, d)) and V_DESC ((b*hkv*d, skv_pad),
-    block (d, BN)) instead of pointer arithmetic.  WS: warp-specialize the
-    unmasked key loop (tl.range(warp_specialize=True))."""
+    FTZ_EXP: exp2 as one ex2.approx.ftz.  LAZY_RESCALE: skip the accumulator's
+    rescale in tiles where no row max grew (both exact, see _attn_block)."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -279,8 +284,6 @@ def _attn_fwd_kernel(Q8, QS, K8, KS, VQ, VS, VM, KP, O, K_DESC, V_DESC, qmul,
     else:
         q = tl.load(Q8 + (bh * SQ + offs_m[:, None]) * D + offs_d[None, :], mask=qm[:, None], other=0)
         qs = tl.load(QS + bh * SQ + offs_m, mask=qm, other=1.0)
-    k_row0 = bhk * SKV_PAD
-    v_row0 = bhk * D
     k_base = K8 + bhk * SKV_PAD * D
     ks_base = KS + bhk * (SKV_PAD // BN)
     if PV_FP8:
@@ -297,20 +300,18 @@ def _attn_fwd_kernel(Q8, QS, K8, KS, VQ, VS, VM, KP, O, K_DESC, V_DESC, qmul,
     else:
         hi = SKV
         full_end = (SKV // BN) * BN
-    for start_n in tl.range(0, full_end, BN, warp_specialize=WS):
+    for start_n in range(0, full_end, BN):
         acc, l_i, m_i = _attn_block(acc, l_i, m_i, q, qs, k_base, ks_base, v_base, kp_base,
-                                    K_DESC, V_DESC, k_row0, v_row0,
                                     start_n, offs_m, offs_n, offs_d,
                                     SKV, SKV_PAD, stride_vs, stride_vd,
                                     D, BN, False, IS_CAUSAL, HAS_KP, EXP_F16, MAGIC, PV_FP8,
-                                    USE_TMA)
+                                    FTZ_EXP, LAZY_RESCALE)
     for start_n in range(full_end, hi, BN):
         acc, l_i, m_i = _attn_block(acc, l_i, m_i, q, qs, k_base, ks_base, v_base, kp_base,
-                                    K_DESC, V_DESC, k_row0, v_row0,
                                     start_n, offs_m, offs_n, offs_d,
                                     SKV, SKV_PAD, stride_vs, stride_vd,
                                     D, BN, True, IS_CAUSAL, HAS_KP, EXP_F16, MAGIC, PV_FP8,
-                                    USE_TMA)
+                                    FTZ_EXP, LAZY_RESCALE)
     pos = l_i > 0
     l_safe = tl.where(pos, l_i, 1.0)
     o = acc / l_safe[:, None]
@@ -345,7 +346,7 @@ def _prune(configs, named_args, **kwargs):
 _attn_fwd = triton.autotune(
     configs=_configs(),
     key=["D", "SQ_BUCKET", "SKV_BUCKET", "IS_CAUSAL", "HAS_KP", "EXP_F16", "MAGIC", "PV_FP8",
-         "FUSE_Q", "USE_TMA", "WS"],
+         "FUSE_Q", "FTZ_EXP", "LAZY_RESCALE"],
     prune_configs_by={"early_config_prune": _prune},
 )(_attn_fwd_kernel)
 

@@ -47,8 +47,9 @@ SPEED_HEAD_DIMS = (128,)
 # H100/H200 measurements; overridable for experiments.
 _EXP_F16 = os.environ.get("ATTNPATCH_FP8_EXP_F16", "0") == "1"
 _MAGIC = os.environ.get("ATTNPATCH_FP8_MAGIC", "1") == "1"
-_FUSE_Q = os.environ.get("ATTNPATCH_FP8_FUSE_Q", "1") == "1"
-_USE_TMA = os.environ.get("ATTNPATCH_FP8_TMA", "0") == "1"
+_FUSE_Q = os.environ.get("ATTNPATCH_FP8_FUSE_Q", "0") == "1"
+_FTZ_EXP = os.environ.get("ATTNPATCH_FP8_FTZ_EXP", "0") == "1"
+_LAZY_RESCALE = os.environ.get("ATTNPATCH_FP8_LAZY_RESCALE", "0") == "1"
 
 
 @functools.lru_cache(maxsize=1)
@@ -177,18 +178,19 @@ def _triton_forward(q, k, v, scale: float, is_causal: bool, key_padding, layout:
                     *, exp_f16: Optional[bool] = None, magic: Optional[bool] = None,
                     pv_fp8: bool = True, fixed_config=None, out=None,
                     return_quant: bool = False, fuse_q: Optional[bool] = None,
-                    use_tma: Optional[bool] = None, ws: bool = False):
+                    ftz_exp: Optional[bool] = None, lazy_rescale: Optional[bool] = None):
     """Launch the kernels: K/V statistics, K/V quantization, attention (which
     quantizes its own Q tile when ``fuse_q``; else a separate Q pass runs).
     q, k, v: torch tensors on one device (cuda, or cpu under TRITON_INTERPRET=1).
-    ``use_tma``: load K/V tiles through TMA descriptors (sm90).  Returns the
-    output in ``layout``."""
+    ``ftz_exp`` / ``lazy_rescale``: attention-kernel variants (same numerics).
+    ``None`` takes the module defaults.  Returns the output in ``layout``."""
     from . import _fp8_triton as T
 
     exp_f16 = _EXP_F16 if exp_f16 is None else exp_f16
     magic = _MAGIC if magic is None else magic
     fuse_q = _FUSE_Q if fuse_q is None else fuse_q
-    use_tma = _USE_TMA if use_tma is None else use_tma
+    ftz_exp = _FTZ_EXP if ftz_exp is None else ftz_exp
+    lazy_rescale = _LAZY_RESCALE if lazy_rescale is None else lazy_rescale
     qb, kb, vb = (_emu.to_bnsd(t, layout) for t in (q, k, v))
     b, hq, sq, d = qb.shape
     hkv, skv = kb.shape[1], kb.shape[2]
@@ -248,21 +250,13 @@ def _triton_forward(q, k, v, scale: float, is_causal: bool, key_padding, layout:
     if kp is None:
         kp = ks
     vq = vt8 if pv_fp8 else vb
-    use_tma = bool(use_tma) and pv_fp8
-    if use_tma:
-        from triton.tools.tensor_descriptor import TensorDescriptor
-
-        k_desc = TensorDescriptor(k8, [b * hkv * skv_pad, d], [d, 1], [BN, d])
-        v_desc = TensorDescriptor(vt8, [b * hkv * d, skv_pad], [skv_pad, 1], [d, BN])
-    else:
-        k_desc = v_desc = k8
     q_strides = qb.stride() if fuse_q else (0, 0, 0, 0)
-    args = (q8, qs, k8, ks, vq, vsc, vm, kp, ob, k_desc, v_desc, qmul, *q_strides,
+    args = (q8, qs, k8, ks, vq, vsc, vm, kp, ob, qmul, *q_strides,
             *vb.stride(), *ob.stride(), stride_kpb,
             hq, hq // hkv, sq, skv, skv_pad, _bucket(sq), _bucket(skv))
     kw = dict(D=d, BN=BN, IS_CAUSAL=bool(is_causal), HAS_KP=key_padding is not None,
               EXP_F16=bool(exp_f16), MAGIC=bool(magic), PV_FP8=bool(pv_fp8),
-              FUSE_Q=bool(fuse_q), USE_TMA=use_tma, WS=bool(ws))
+              FUSE_Q=bool(fuse_q), FTZ_EXP=bool(ftz_exp), LAZY_RESCALE=bool(lazy_rescale))
     if fixed_config is None and dev.type == "cuda":
         grid = lambda meta: (triton_cdiv(sq, meta["BM"]), b * hq)  # noqa: E731
         T._attn_fwd[grid](*args, **kw)
