@@ -39,6 +39,12 @@ CASES = [
     ("cross-4096x1024", 2, 24, 24, 4096, 1024, 128, torch.bfloat16, False, 0.0),
     ("short-1024", 4, 24, 24, 1024, 1024, 128, torch.bfloat16, False, 0.0),
     ("short-2048-d64", 4, 16, 16, 2048, 2048, 64, torch.bfloat16, False, 0.0),
+    # accepted by fp8_not_supported_reasons (>= 16384 tokens, d=128): each kind of call it takes
+    ("wan13b-32760", 1, 12, 12, 32760, 32760, 128, torch.bfloat16, False, 0.0),
+    ("causal-16384", 1, 24, 24, 16384, 16384, 128, torch.bfloat16, True, 0.0),
+    ("keypad-16384", 2, 12, 12, 16384, 16384, 128, torch.bfloat16, False, 0.25),
+    ("gqa-16384", 1, 32, 8, 16384, 16384, 128, torch.bfloat16, False, 0.0),
+    ("video-32760-fp16", 1, 40, 40, 32760, 32760, 128, torch.float16, False, 0.0),
 ]
 
 
