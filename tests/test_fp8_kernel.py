@@ -400,3 +400,48 @@ def test_gpu_compile_fullgraph():
 def test_gpu_reasons_accept_hopper():
     q, k, v = make(1, 4, 4, 16384, 16384, 128, device="cuda")
     assert fp8_not_supported_reasons(q, k, v) == []
+
+
+# ============================================ CPU: the Triton kernels, interpreted
+_INTERPRETED = r'''
+import os, sys, torch
+os.environ["TRITON_INTERPRET"] = "1"
+from attnpatch.kernels import fp8_emulation as E
+from attnpatch.kernels.fp8_attention import _triton_forward
+g = torch.Generator().manual_seed(3)
+b, hq, hkv, sq, skv, d = 2, 4, 2, 70, 150, 64
+q, k, v = (torch.randn(*s, generator=g).bfloat16() for s in
+           ((b, hq, sq, d), (b, hkv, skv, d), (b, hkv, skv, d)))
+k = (k.float() + 3).bfloat16()
+kp = torch.ones(b, skv, dtype=torch.bool); kp[1, 100:] = False; kp[0, :5] = False
+Q = _triton_forward(q, k, v, 0.1, False, kp, "bnsd", return_quant=True)
+q8, qs = E.quantize_q(q, 0.1)
+km, vm = E.kv_means(k, v, key_padding=kp)
+k8, ks, _ = E.quantize_k(k, km, key_padding=kp)
+assert torch.equal(Q["q8"], q8) and torch.equal(Q["qs"], qs), "Q quantization differs from the twin"
+assert torch.equal(Q["vm"].float(), vm.float()), "V means differ from the twin"
+assert Q["k8"].shape == k8.shape and (Q["k8"] == k8).float().mean() > 0.999, "K quantization differs from the twin"
+for causal in (False, True):
+    o = _triton_forward(q, k, v, 0.1, causal, kp, "bnsd", fixed_config=(64, 4, 1))
+    ref = E.reference_attention(q, k, v, scale=0.1, is_causal=causal, key_padding=kp)
+    assert o.shape == q.shape and o.dtype == q.dtype and bool(torch.isfinite(o).all())
+    rel = ((o.double() - ref.double()).norm() / ref.double().norm()).item()
+    # the interpreter's fp8 conversion is not the GPU's, so only a coarse bound here;
+    # the GPU tests compare the compiled kernel with the twin tightly
+    assert rel < 0.2, f"causal={causal}: relerr {rel}"
+print("OK")
+'''
+
+
+def test_triton_kernels_run_in_interpreter():
+    """The real Triton kernels and their launcher, run by Triton's CPU interpreter:
+    catches a launcher/kernel argument mismatch and checks the int8 quantization
+    against the twin exactly (the GPU is not needed)."""
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, "-c", _INTERPRETED], capture_output=True, text=True, env=env,
+                       timeout=600)
+    assert r.returncode == 0 and "OK" in r.stdout, r.stdout[-2000:] + r.stderr[-4000:]

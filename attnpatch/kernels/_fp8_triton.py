@@ -169,21 +169,12 @@ def _exp2_f16(x):
 
 
 @triton.jit
-def _exp2_ftz(x):
-    # ex2.approx with denormal results flushed to 0 (one MUFU op; tl.math.exp2 adds
-    # denormal handling).  Flushed values are < 2**-126: 0 in fp8 and in l anyway.
-    return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [x],
-                                     dtype=tl.float32, is_pure=True, pack=1)
-
-
-@triton.jit
 def _attn_block(acc, l_i, m_i, q, qs, k_base, ks_base, v_base, kp_base,
                 start_n, offs_m, offs_n, offs_d,
                 SKV, SKV_PAD, stride_vs, stride_vd,
                 D: tl.constexpr, BN: tl.constexpr,
                 MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KP: tl.constexpr,
-                EXP_F16: tl.constexpr, MAGIC: tl.constexpr, PV_FP8: tl.constexpr,
-                FTZ_EXP: tl.constexpr, LAZY_RESCALE: tl.constexpr):
+                EXP_F16: tl.constexpr, MAGIC: tl.constexpr, PV_FP8: tl.constexpr):
     cols = start_n + offs_n
     k = tl.load(k_base + cols[:, None] * D + offs_d[None, :])  # (BN, D) int8, padded
     ks = tl.load(ks_base + start_n // BN)
@@ -222,18 +213,9 @@ def _attn_block(acc, l_i, m_i, q, qs, k_base, ks_base, v_base, kp_base,
                         mask=(cols < SKV)[:, None], other=0.0)
             acc = tl.dot(p16.to(v.dtype), v, acc)
     else:
-        if FTZ_EXP:
-            p = _exp2_ftz(arg)
-        else:
-            p = tl.math.exp2(arg)
+        p = tl.math.exp2(arg)
         l_i = l_i * alpha + tl.sum(p, 1)
-        if LAZY_RESCALE:
-            # alpha is exactly 1 in rows whose max did not grow: skip the multiply
-            # of the whole accumulator when no row of the tile grew (exact)
-            if tl.max((m_new > m_i).to(tl.int32), 0) > 0:
-                acc = acc * alpha[:, None]
-        else:
-            acc = acc * alpha[:, None]
+        acc = acc * alpha[:, None]
         if PV_FP8:
             vt = tl.load(v_base + offs_d[:, None] * SKV_PAD + cols[None, :])  # (D, BN) fp8
             acc = tl.dot(p.to(tl.float8e4nv), tl.trans(vt), acc)
@@ -245,8 +227,7 @@ def _attn_block(acc, l_i, m_i, q, qs, k_base, ks_base, v_base, kp_base,
 
 
 @triton.jit
-def _attn_fwd_kernel(Q8, QS, K8, KS, VQ, VS, VM, KP, O, qmul,
-                     stride_qb, stride_qh, stride_qs, stride_qd,
+def _attn_fwd_kernel(Q8, QS, K8, KS, VQ, VS, VM, KP, O,
                      stride_vb, stride_vh, stride_vs, stride_vd,
                      stride_ob, stride_oh, stride_os, stride_od,
                      stride_kpb,
@@ -254,13 +235,7 @@ def _attn_fwd_kernel(Q8, QS, K8, KS, VQ, VS, VM, KP, O, qmul,
                      SQ_BUCKET, SKV_BUCKET,
                      D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                      IS_CAUSAL: tl.constexpr, HAS_KP: tl.constexpr,
-                     EXP_F16: tl.constexpr, MAGIC: tl.constexpr, PV_FP8: tl.constexpr,
-                     FUSE_Q: tl.constexpr, FTZ_EXP: tl.constexpr, LAZY_RESCALE: tl.constexpr):
-    """FUSE_Q: Q8 is the bf16/fp16 query (strides stride_q*) and this program
-    quantizes its own tile exactly as _quant_q_kernel does (QS unused); else Q8/QS
-    are the int8 query and its per-token scales, (b, h, sq, d) contiguous.
-    FTZ_EXP: exp2 as one ex2.approx.ftz.  LAZY_RESCALE: skip the accumulator's
-    rescale in tiles where no row max grew (both exact, see _attn_block)."""
+                     EXP_F16: tl.constexpr, MAGIC: tl.constexpr, PV_FP8: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -271,19 +246,8 @@ def _attn_fwd_kernel(Q8, QS, K8, KS, VQ, VS, VM, KP, O, qmul,
     offs_n = tl.arange(0, BN)
     offs_d = tl.arange(0, D)
     qm = offs_m < SQ
-    if FUSE_Q:
-        qf = tl.load(Q8 + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs
-                     + offs_d[None, :] * stride_qd, mask=qm[:, None], other=0.0).to(tl.float32)
-        qf = qf * qmul
-        qamax = tl.maximum(tl.max(tl.abs(qf), 1), TINY)
-        qinv = tl.math.div_rn(tl.full([BM], 127.0, tl.float32), qamax)
-        qs = tl.math.div_rn(qamax, tl.full([BM], 127.0, tl.float32))
-        qr = _round_half_away(qf * qinv[:, None])
-        q = tl.minimum(tl.maximum(qr, -127), 127).to(tl.int8)
-        qs = tl.where(qm, qs, 1.0)
-    else:
-        q = tl.load(Q8 + (bh * SQ + offs_m[:, None]) * D + offs_d[None, :], mask=qm[:, None], other=0)
-        qs = tl.load(QS + bh * SQ + offs_m, mask=qm, other=1.0)
+    q = tl.load(Q8 + (bh * SQ + offs_m[:, None]) * D + offs_d[None, :], mask=qm[:, None], other=0)
+    qs = tl.load(QS + bh * SQ + offs_m, mask=qm, other=1.0)
     k_base = K8 + bhk * SKV_PAD * D
     ks_base = KS + bhk * (SKV_PAD // BN)
     if PV_FP8:
@@ -304,14 +268,12 @@ def _attn_fwd_kernel(Q8, QS, K8, KS, VQ, VS, VM, KP, O, qmul,
         acc, l_i, m_i = _attn_block(acc, l_i, m_i, q, qs, k_base, ks_base, v_base, kp_base,
                                     start_n, offs_m, offs_n, offs_d,
                                     SKV, SKV_PAD, stride_vs, stride_vd,
-                                    D, BN, False, IS_CAUSAL, HAS_KP, EXP_F16, MAGIC, PV_FP8,
-                                    FTZ_EXP, LAZY_RESCALE)
+                                    D, BN, False, IS_CAUSAL, HAS_KP, EXP_F16, MAGIC, PV_FP8)
     for start_n in range(full_end, hi, BN):
         acc, l_i, m_i = _attn_block(acc, l_i, m_i, q, qs, k_base, ks_base, v_base, kp_base,
                                     start_n, offs_m, offs_n, offs_d,
                                     SKV, SKV_PAD, stride_vs, stride_vd,
-                                    D, BN, True, IS_CAUSAL, HAS_KP, EXP_F16, MAGIC, PV_FP8,
-                                    FTZ_EXP, LAZY_RESCALE)
+                                    D, BN, True, IS_CAUSAL, HAS_KP, EXP_F16, MAGIC, PV_FP8)
     pos = l_i > 0
     l_safe = tl.where(pos, l_i, 1.0)
     o = acc / l_safe[:, None]
@@ -347,7 +309,6 @@ def _prune(configs, named_args, **kwargs):
 
 _attn_fwd = triton.autotune(
     configs=_configs(),
-    key=["D", "SQ_BUCKET", "SKV_BUCKET", "IS_CAUSAL", "HAS_KP", "EXP_F16", "MAGIC", "PV_FP8",
-         "FUSE_Q", "FTZ_EXP", "LAZY_RESCALE"],
+    key=["D", "SQ_BUCKET", "SKV_BUCKET", "IS_CAUSAL", "HAS_KP", "EXP_F16", "MAGIC", "PV_FP8"],
     prune_configs_by={"early_config_prune": _prune},
 )(_attn_fwd_kernel)
