@@ -5,7 +5,8 @@
 For each shape: SDPA cuDNN time, then every (variant, fixed config) of the whole
 fp8 call (quantization passes included): the pointer-load kernel with a separate
 Q pass over launch configs (query rows BM, warps, pipeline stages),
-and with exp2 in fp16x2 (``exp_f16``).  Every output is compared with the first
+with Q.K^T of the next key tile issued before the softmax of this one
+(``pipe_qk``), and with exp2 in fp16x2 (``exp_f16``).  Every output is compared with the first
 variant's (the numerics are meant to be identical).  Then the quantization passes
 alone over their launch parameters.  Writes OUTDIR/fp8_variants.json and .md.
 """
@@ -32,6 +33,7 @@ SHAPES = [
     ("wan13b-32760", 1, 12, 32760, 128, torch.bfloat16),
     ("sd-4096-d64", 2, 10, 4096, 64, torch.float16),
 ]
+DEFAULT_SHAPES = "dit-4608,video-32760,wan13b-32760"
 # Variants measured on an H100 at commit 31e2769 (docs/gpu_runs/fp8_variants_h100_run1.md) and then
 # removed: K/V tiles through TMA descriptors (5-15% slower) and a warp-specialized key loop (no
 # change at 8 warps; the 4-warp build fails in Triton 3.6's NVGPUWarpSpecialization pass).
@@ -42,10 +44,14 @@ SHAPES = [
 # ex2.approx.ftz and skipping the accumulator rescale when no row max grew (no gain).
 VARIANTS = {
     "base": dict(),
+    "pipe_qk": dict(pipe_qk=True),
     "exp_f16": dict(exp_f16=True),
 }
 # 64-key tiles (BN=64, K scales still per 128 keys) were 3-9% slower on the H100 (sweep 3).
-CONFIGS = [(64, 4, 3), (64, 4, 2), (128, 8, 3)]  # BM, warps, stages
+CONFIGS = [  # BM, warps, stages[, maxnreg]
+    (64, 4, 3), (64, 4, 2), (64, 4, 2, 168), (64, 4, 2, 128), (128, 8, 2, 128), (128, 8, 3, 128),
+    (128, 8, 3),
+]
 QUANT_GRID = [  # STATS_ROWS, STATS_WARPS, STATS_PROGRAMS_PER_SM, KV_WARPS
     (16, 4, 4, 8), (16, 4, 8, 4), (32, 4, 4, 4), (64, 8, 8, 4),
 ]
@@ -59,7 +65,8 @@ def bench(fn):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
-    ap.add_argument("--shapes", default=",".join(s[0] for s in SHAPES))
+    ap.add_argument("--shapes", default=DEFAULT_SHAPES, help="comma-separated names of SHAPES")
+    ap.add_argument("--quant", action="store_true", help="also sweep the quantization passes")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     import triton
@@ -87,7 +94,7 @@ def main():
         base_out = None
         for vname, kw in VARIANTS.items():
             for cfg in CONFIGS:
-                if vname != "base" and cfg != CONFIGS[0]:
+                if vname == "exp_f16" and cfg != CONFIGS[0]:
                     continue
                 fn = lambda: FA._triton_forward(q, k, v, 1 / math.sqrt(d), False, None, "bnsd",  # noqa: E731
                                                 fixed_config=cfg, **kw)
@@ -110,7 +117,7 @@ def main():
                       f"x{t_ref / t:.3f}  maxdiff {diff:.2e}", flush=True)
         # quantization passes alone (stats + Q + K/V), over their launch parameters
         saved = (FA.STATS_ROWS, FA.STATS_WARPS, FA.STATS_PROGRAMS_PER_SM, FA.KV_WARPS)
-        for g in QUANT_GRID:
+        for g in QUANT_GRID if args.quant else ():
             FA.STATS_ROWS, FA.STATS_WARPS, FA.STATS_PROGRAMS_PER_SM, FA.KV_WARPS = g
             fn = lambda: FA._triton_forward(q, k, v, 1 / math.sqrt(d), False, None, "bnsd",  # noqa: E731
                                             return_quant=True)
@@ -128,7 +135,7 @@ def main():
     with open(os.path.join(args.out, "fp8_variants.json"), "w") as f:
         json.dump(dict(info=info, rows=rows), f, indent=1, default=str)
     with open(os.path.join(args.out, "fp8_variants.md"), "w") as f:
-        f.write(f"{info}\n\n| shape | variant | config (BM, warps, stages) | ms | TFLOP/s | vs cuDNN | max diff vs first |\n"
+        f.write(f"{info}\n\n| shape | variant | config (BM, warps, stages[, maxnreg]) | ms | TFLOP/s | vs cuDNN | max diff vs first |\n"
                 "|---|---|---|---|---|---|---|\n")
         for r in rows:
             if "error" in r:

@@ -33,12 +33,14 @@ __all__ = [
 SUPPORTED_HEAD_DIMS = (64, 128)
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
 SUPPORTED_LAYOUTS = ("bnsd", "bsnd")
-# Speed thresholds (docs/FP8_KERNEL.md has the H200 measurements behind them).
-# Measured on an H200: faster than SDPA cuDNN bf16 at (1,40,32760,128) (1.30x) and
-# (1,32,8192,128) GQA 32/8 (1.15x); slower at (1,24,4608,128) (0.91x), causal
-# (1,32,8192,128) (0.97x), key-padded (2,24,4096,128) (0.91x), and at every head_dim
-# 64 shape measured (0.44x-0.68x).  So, unless ``check_speed=False``,
-# fp8_not_supported_reasons declines sequences shorter than these and head_dim 64.
+# Speed thresholds (docs/FP8_KERNEL.md has the measurements behind them).  On an H100,
+# with quantization included, every call kind measured at >= 16384 tokens and head_dim
+# 128 is faster than SDPA cuDNN bf16: 1.33x at (1,40,32760,128), 1.35x at
+# (1,12,32760,128), 1.13x causal, 1.20x key-padded and 1.20x GQA at 16384.  It is slower
+# or too close to call at (1,24,4608,128) (0.68x), causal 8192 (0.97x), key-padded 4096
+# (1.01x), and at every head_dim 64 shape measured (0.48x-0.68x).  So, unless
+# ``check_speed=False``, fp8_not_supported_reasons declines sequences shorter than these,
+# and head_dim 64.
 MIN_SEQ_LEN_Q = 16384
 MIN_SEQ_LEN_KV = 16384
 SPEED_HEAD_DIMS = (128,)
@@ -47,6 +49,7 @@ SPEED_HEAD_DIMS = (128,)
 # H100/H200 measurements; overridable for experiments.
 _EXP_F16 = os.environ.get("ATTNPATCH_FP8_EXP_F16", "0") == "1"
 _MAGIC = os.environ.get("ATTNPATCH_FP8_MAGIC", "1") == "1"
+_PIPE_QK = os.environ.get("ATTNPATCH_FP8_PIPE_QK", "0") == "1"
 
 
 @functools.lru_cache(maxsize=1)
@@ -176,13 +179,14 @@ def _bucket(n: int) -> int:
 def _triton_forward(q, k, v, scale: float, is_causal: bool, key_padding, layout: str,
                     *, exp_f16: Optional[bool] = None, magic: Optional[bool] = None,
                     pv_fp8: bool = True, fixed_config=None, out=None,
-                    return_quant: bool = False):
+                    return_quant: bool = False, pipe_qk: Optional[bool] = None):
     """Launch the four kernels.  q, k, v: torch tensors on one device (cuda, or
     cpu under TRITON_INTERPRET=1).  Returns the output in ``layout``."""
     from . import _fp8_triton as T
 
     exp_f16 = _EXP_F16 if exp_f16 is None else exp_f16
     magic = _MAGIC if magic is None else magic
+    pipe_qk = _PIPE_QK if pipe_qk is None else pipe_qk
     qb, kb, vb = (_emu.to_bnsd(t, layout) for t in (q, k, v))
     b, hq, sq, d = qb.shape
     hkv, skv = kb.shape[1], kb.shape[2]
@@ -240,12 +244,14 @@ def _triton_forward(q, k, v, scale: float, is_causal: bool, key_padding, layout:
     args = (q8, qs, k8, ks, vq, vsc, vm, kp, ob, *vb.stride(), *ob.stride(), stride_kpb,
             hq, hq // hkv, sq, skv, skv_pad, _bucket(sq), _bucket(skv))
     kw = dict(D=d, BN=BN, IS_CAUSAL=bool(is_causal), HAS_KP=key_padding is not None,
-              EXP_F16=bool(exp_f16), MAGIC=bool(magic), PV_FP8=bool(pv_fp8))
+              EXP_F16=bool(exp_f16), MAGIC=bool(magic), PV_FP8=bool(pv_fp8), PIPE_QK=bool(pipe_qk))
     if fixed_config is None and dev.type == "cuda":
         grid = lambda meta: (triton_cdiv(sq, meta["BM"]), b * hq)  # noqa: E731
         T._attn_fwd[grid](*args, **kw)
     else:
-        BM, nw, ns = fixed_config or (64, 4, 1)
+        BM, nw, ns, *maxnreg = fixed_config or (64, 4, 1)
+        if maxnreg and maxnreg[0]:
+            kw["maxnreg"] = maxnreg[0]
         T._attn_fwd_kernel[(triton_cdiv(sq, BM), b * hq)](*args, BM=BM, num_warps=nw, num_stages=ns, **kw)
     return out
 
