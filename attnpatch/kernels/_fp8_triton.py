@@ -169,36 +169,16 @@ def _exp2_f16(x):
 
 
 @triton.jit
-def _qk_tile(q, k_base, start_n, offs_n, offs_d, D: tl.constexpr):
-    cols = start_n + offs_n
-    k = tl.load(k_base + cols[:, None] * D + offs_d[None, :])  # (BN, D) int8, padded
-    return tl.dot(q, tl.trans(k), out_dtype=tl.int32)  # (BM, BN) int32, exact
-
-
-@triton.jit
 def _attn_block(acc, l_i, m_i, q, qs, k_base, ks_base, v_base, kp_base,
                 start_n, offs_m, offs_n, offs_d,
                 SKV, SKV_PAD, stride_vs, stride_vd,
                 D: tl.constexpr, BN: tl.constexpr,
                 MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KP: tl.constexpr,
                 EXP_F16: tl.constexpr, MAGIC: tl.constexpr, PV_FP8: tl.constexpr):
-    qk = _qk_tile(q, k_base, start_n, offs_n, offs_d, D)
-    return _softmax_pv(acc, l_i, m_i, qk, qs, ks_base, v_base, kp_base,
-                       start_n, offs_m, offs_n, offs_d, SKV, SKV_PAD, stride_vs, stride_vd,
-                       D, BN, MASKED, IS_CAUSAL, HAS_KP, EXP_F16, MAGIC, PV_FP8)
-
-
-@triton.jit
-def _softmax_pv(acc, l_i, m_i, qk, qs, ks_base, v_base, kp_base,
-                start_n, offs_m, offs_n, offs_d,
-                SKV, SKV_PAD, stride_vs, stride_vd,
-                D: tl.constexpr, BN: tl.constexpr,
-                MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KP: tl.constexpr,
-                EXP_F16: tl.constexpr, MAGIC: tl.constexpr, PV_FP8: tl.constexpr):
-    """Online-softmax update with the int32 scores ``qk`` of the key tile at
-    ``start_n``, then acc += P @ V of that tile."""
     cols = start_n + offs_n
+    k = tl.load(k_base + cols[:, None] * D + offs_d[None, :])  # (BN, D) int8, padded
     ks = tl.load(ks_base + start_n // BN)
+    qk = tl.dot(q, tl.trans(k), out_dtype=tl.int32)  # (BM, BN) int32, exact
     c = qs * ks
     if MASKED or HAS_KP:
         valid = (cols < SKV)[None, :]
@@ -255,8 +235,7 @@ def _attn_fwd_kernel(Q8, QS, K8, KS, VQ, VS, VM, KP, O,
                      SQ_BUCKET, SKV_BUCKET,
                      D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                      IS_CAUSAL: tl.constexpr, HAS_KP: tl.constexpr,
-                     EXP_F16: tl.constexpr, MAGIC: tl.constexpr, PV_FP8: tl.constexpr,
-                     PIPE_QK: tl.constexpr = False):
+                     EXP_F16: tl.constexpr, MAGIC: tl.constexpr, PV_FP8: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -285,28 +264,11 @@ def _attn_fwd_kernel(Q8, QS, K8, KS, VQ, VS, VM, KP, O,
     else:
         hi = SKV
         full_end = (SKV // BN) * BN
-    if PIPE_QK:
-        # Q.K^T of tile j+1 is issued before the softmax of tile j, so the tensor
-        # cores can work on it while the softmax runs (same numerics).
-        if full_end > 0:
-            qk = _qk_tile(q, k_base, 0, offs_n, offs_d, D)
-            for start_n in range(0, full_end - BN, BN):
-                qk_next = _qk_tile(q, k_base, start_n + BN, offs_n, offs_d, D)
-                acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, qk, qs, ks_base, v_base, kp_base,
-                                            start_n, offs_m, offs_n, offs_d,
-                                            SKV, SKV_PAD, stride_vs, stride_vd,
-                                            D, BN, False, IS_CAUSAL, HAS_KP, EXP_F16, MAGIC, PV_FP8)
-                qk = qk_next
-            acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, qk, qs, ks_base, v_base, kp_base,
-                                        full_end - BN, offs_m, offs_n, offs_d,
-                                        SKV, SKV_PAD, stride_vs, stride_vd,
-                                        D, BN, False, IS_CAUSAL, HAS_KP, EXP_F16, MAGIC, PV_FP8)
-    else:
-        for start_n in range(0, full_end, BN):
-            acc, l_i, m_i = _attn_block(acc, l_i, m_i, q, qs, k_base, ks_base, v_base, kp_base,
-                                        start_n, offs_m, offs_n, offs_d,
-                                        SKV, SKV_PAD, stride_vs, stride_vd,
-                                        D, BN, False, IS_CAUSAL, HAS_KP, EXP_F16, MAGIC, PV_FP8)
+    for start_n in range(0, full_end, BN):
+        acc, l_i, m_i = _attn_block(acc, l_i, m_i, q, qs, k_base, ks_base, v_base, kp_base,
+                                    start_n, offs_m, offs_n, offs_d,
+                                    SKV, SKV_PAD, stride_vs, stride_vd,
+                                    D, BN, False, IS_CAUSAL, HAS_KP, EXP_F16, MAGIC, PV_FP8)
     for start_n in range(full_end, hi, BN):
         acc, l_i, m_i = _attn_block(acc, l_i, m_i, q, qs, k_base, ks_base, v_base, kp_base,
                                     start_n, offs_m, offs_n, offs_d,
@@ -347,7 +309,6 @@ def _prune(configs, named_args, **kwargs):
 
 _attn_fwd = triton.autotune(
     configs=_configs(),
-    key=["D", "SQ_BUCKET", "SKV_BUCKET", "IS_CAUSAL", "HAS_KP", "EXP_F16", "MAGIC", "PV_FP8",
-         "PIPE_QK"],
+    key=["D", "SQ_BUCKET", "SKV_BUCKET", "IS_CAUSAL", "HAS_KP", "EXP_F16", "MAGIC", "PV_FP8"],
     prune_configs_by={"early_config_prune": _prune},
 )(_attn_fwd_kernel)
