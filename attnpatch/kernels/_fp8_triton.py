@@ -307,8 +307,18 @@ def _prune(configs, named_args, **kwargs):
     return out or configs[:1]
 
 
+def _disk_cache_kwargs():
+    # Triton >= 3.3 can keep the autotuner's choice per key on disk (in its cache dir,
+    # keyed by the kernel's source and the configs), so a new process does not re-time.
+    import inspect
+    if "cache_results" in inspect.signature(triton.autotune).parameters:
+        return {"cache_results": True}
+    return {}
+
+
 _attn_fwd = triton.autotune(
     configs=_configs(),
     key=["D", "SQ_BUCKET", "SKV_BUCKET", "IS_CAUSAL", "HAS_KP", "EXP_F16", "MAGIC", "PV_FP8"],
     prune_configs_by={"early_config_prune": _prune},
+    **_disk_cache_kwargs(),
 )(_attn_fwd_kernel)
