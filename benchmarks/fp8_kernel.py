@@ -45,7 +45,22 @@ CASES = [
     ("keypad-16384", 2, 12, 12, 16384, 16384, 128, torch.bfloat16, False, 0.25),
     ("gqa-16384", 1, 32, 8, 16384, 16384, 128, torch.bfloat16, False, 0.0),
     ("video-32760-fp16", 1, 40, 40, 32760, 32760, 128, torch.float16, False, 0.0),
+    # the outliers real models have: 4 K channels with mean +20, 1/64 of the Q rows x8
+    ("outliers-wan13b-32760", 1, 12, 12, 32760, 32760, 128, torch.bfloat16, False, 0.0),
+    ("outliers-causal-16384", 1, 24, 24, 16384, 16384, 128, torch.bfloat16, True, 0.0),
 ]
+
+
+def add_outliers(q, k, gen):
+    """4 channels of K shifted by +20 (a large mean), 1/64 of the query rows scaled by 8."""
+    d, sq = k.shape[-1], q.shape[2]
+    ch = torch.randperm(d, generator=gen)[:4].to(k.device)
+    k = k.clone()
+    k[..., ch] += 20.0
+    rows = torch.randperm(sq, generator=gen)[: max(1, sq // 64)].to(q.device)
+    q = q.clone()
+    q[:, :, rows] *= 8.0
+    return q, k
 
 
 def flops(b, hq, sq, skv, d, causal):
@@ -60,6 +75,8 @@ def make_inputs(c, n_sets, device):
         q = torch.randn(b, hq, sq, d, device=device, dtype=dt)
         k = torch.randn(b, hkv, skv, d, device=device, dtype=dt)
         v = torch.randn(b, hkv, skv, d, device=device, dtype=dt)
+        if name.startswith("outliers"):
+            q, k = add_outliers(q, k, torch.Generator().manual_seed(len(sets)))
         kp = None
         if kpfrac > 0:
             kp = torch.ones(b, skv, dtype=torch.bool, device=device)
