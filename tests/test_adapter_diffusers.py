@@ -824,16 +824,22 @@ def test_patched_removes_on_error(recording):
 @pytest.mark.parametrize("name", ["flux", "unet", "hunyuanvideo", "wan_vae"])
 def test_compile_of_patched_model_has_no_graph_breaks(name):
     """dispatch path (Flux), F.scaled_dot_product_attention path (UNet), a padding mask (HunyuanVideo)
-    and a method site (Wan VAE): dynamo traces the patched model in one graph."""
+    and a method site (Wan VAE): patching adds no graph break to what dynamo makes of stock diffusers
+    (none with the torch CI uses; torch 2.11's dynamo breaks 12 times in stock Wan VAE code,
+    benchmarks/wan_vae_graph_breaks.py)."""
     import torch._dynamo as dynamo
 
     model, kw = build(name)
     ref = run(model, kw)
+    dynamo.reset()
+    stock = dynamo.explain(model)(**kw)
+    if tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 14):
+        assert stock.graph_break_count == 0, stock.break_reasons
     patch = _apply(model, backend="sdpa")
     dynamo.reset()
     try:
         explanation = dynamo.explain(model)(**kw)
-        assert explanation.graph_break_count == 0, explanation.break_reasons
+        assert explanation.graph_break_count == stock.graph_break_count, explanation.break_reasons
         if name == "flux":
             compiled = torch.compile(model, backend="eager", fullgraph=True)
             with torch.no_grad():
