@@ -168,56 +168,13 @@ def _exp2_f16(x):
                                      dtype=tl.float16, is_pure=True, pack=2)
 
 
-# exp2 on the FMA pipe (as FlashAttention 4 offloads part of its exponentials from the
-# MUFU unit): x clamped to >= -127 (so -inf gives exactly 0), split x = j + f with
-# f in [-0.5, 0.5] by the 1.5*2**23 rounding trick, 2**f by a degree-3 polynomial with
-# c0 = 1 (max relative error 1.0e-4, far below fp8's 2**-4 rounding step), and j added
-# to the exponent bits (the trick's low 9 bits are 0, so bits(t) << 23 == j << 23).
-def _poly_exp2_ptx(x: str, out: str) -> str:
-    return f"""
-    max.f32 pe_xc, {x}, 0fC2FE0000;
-    add.rn.f32 pe_t, pe_xc, 0f4B400000;
-    sub.rn.f32 pe_jf, pe_t, 0f4B400000;
-    sub.rn.f32 pe_fr, pe_xc, pe_jf;
-    fma.rn.f32 pe_p, pe_fr, 0f3D615047, 0f3E7805BE;
-    fma.rn.f32 pe_p, pe_p, pe_fr, 0f3F317AFC;
-    fma.rn.f32 pe_p, pe_p, pe_fr, 0f3F800000;
-    mov.b32 pe_tb, pe_t;
-    mov.b32 pe_pb, pe_p;
-    shl.b32 pe_tb, pe_tb, 23;
-    add.s32 {out}, pe_pb, pe_tb;
-"""
-
-
-_PE_REGS = "    .reg .f32 pe_xc, pe_t, pe_jf, pe_fr, pe_p;\n    .reg .b32 pe_tb, pe_pb;\n"
-# of each pair of a thread's elements: the first on MUFU, the second on the FMA pipe
-_MIX2_ASM = tl.constexpr("{\n" + _PE_REGS + "    ex2.approx.ftz.f32 $0, $2;\n"
-                         + _poly_exp2_ptx("$3", "$1") + "}")
-# of each 4 of a thread's elements: three on MUFU, the fourth on the FMA pipe
-_MIX4_ASM = tl.constexpr("{\n" + _PE_REGS + "    ex2.approx.ftz.f32 $0, $4;\n"
-                         "    ex2.approx.ftz.f32 $1, $5;\n    ex2.approx.ftz.f32 $2, $6;\n"
-                         + _poly_exp2_ptx("$7", "$3") + "}")
-
-
-@triton.jit
-def _exp2_mix2(x):
-    return tl.inline_asm_elementwise(_MIX2_ASM, "=r,=r,r,r", [x], dtype=tl.float32, is_pure=True, pack=2)
-
-
-@triton.jit
-def _exp2_mix4(x):
-    return tl.inline_asm_elementwise(_MIX4_ASM, "=r,=r,=r,=r,r,r,r,r", [x], dtype=tl.float32,
-                                     is_pure=True, pack=4)
-
-
 @triton.jit
 def _attn_block(acc, l_i, m_i, q, qs, k_base, ks_base, v_base, kp_base,
                 start_n, offs_m, offs_n, offs_d,
                 SKV, SKV_PAD, stride_vs, stride_vd,
                 D: tl.constexpr, BN: tl.constexpr,
                 MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KP: tl.constexpr,
-                EXP_F16: tl.constexpr, MAGIC: tl.constexpr, PV_FP8: tl.constexpr,
-                EXP_MIX: tl.constexpr):
+                EXP_F16: tl.constexpr, MAGIC: tl.constexpr, PV_FP8: tl.constexpr):
     cols = start_n + offs_n
     k = tl.load(k_base + cols[:, None] * D + offs_d[None, :])  # (BN, D) int8, padded
     ks = tl.load(ks_base + start_n // BN)
@@ -256,12 +213,7 @@ def _attn_block(acc, l_i, m_i, q, qs, k_base, ks_base, v_base, kp_base,
                         mask=(cols < SKV)[:, None], other=0.0)
             acc = tl.dot(p16.to(v.dtype), v, acc)
     else:
-        if EXP_MIX == 2:
-            p = _exp2_mix2(arg)
-        elif EXP_MIX == 4:
-            p = _exp2_mix4(arg)
-        else:
-            p = tl.math.exp2(arg)
+        p = tl.math.exp2(arg)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         if PV_FP8:
@@ -283,8 +235,7 @@ def _attn_fwd_kernel(Q8, QS, K8, KS, VQ, VS, VM, KP, O,
                      SQ_BUCKET, SKV_BUCKET,
                      D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                      IS_CAUSAL: tl.constexpr, HAS_KP: tl.constexpr,
-                     EXP_F16: tl.constexpr, MAGIC: tl.constexpr, PV_FP8: tl.constexpr,
-                     EXP_MIX: tl.constexpr = 0):
+                     EXP_F16: tl.constexpr, MAGIC: tl.constexpr, PV_FP8: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -317,14 +268,12 @@ def _attn_fwd_kernel(Q8, QS, K8, KS, VQ, VS, VM, KP, O,
         acc, l_i, m_i = _attn_block(acc, l_i, m_i, q, qs, k_base, ks_base, v_base, kp_base,
                                     start_n, offs_m, offs_n, offs_d,
                                     SKV, SKV_PAD, stride_vs, stride_vd,
-                                    D, BN, False, IS_CAUSAL, HAS_KP, EXP_F16, MAGIC, PV_FP8,
-                                    EXP_MIX)
+                                    D, BN, False, IS_CAUSAL, HAS_KP, EXP_F16, MAGIC, PV_FP8)
     for start_n in range(full_end, hi, BN):
         acc, l_i, m_i = _attn_block(acc, l_i, m_i, q, qs, k_base, ks_base, v_base, kp_base,
                                     start_n, offs_m, offs_n, offs_d,
                                     SKV, SKV_PAD, stride_vs, stride_vd,
-                                    D, BN, True, IS_CAUSAL, HAS_KP, EXP_F16, MAGIC, PV_FP8,
-                                    EXP_MIX)
+                                    D, BN, True, IS_CAUSAL, HAS_KP, EXP_F16, MAGIC, PV_FP8)
     pos = l_i > 0
     l_safe = tl.where(pos, l_i, 1.0)
     o = acc / l_safe[:, None]
@@ -369,7 +318,7 @@ def _disk_cache_kwargs():
 
 _attn_fwd = triton.autotune(
     configs=_configs(),
-    key=["D", "SQ_BUCKET", "SKV_BUCKET", "IS_CAUSAL", "HAS_KP", "EXP_F16", "MAGIC", "PV_FP8", "EXP_MIX"],
+    key=["D", "SQ_BUCKET", "SKV_BUCKET", "IS_CAUSAL", "HAS_KP", "EXP_F16", "MAGIC", "PV_FP8"],
     prune_configs_by={"early_config_prune": _prune},
     **_disk_cache_kwargs(),
 )(_attn_fwd_kernel)

@@ -49,8 +49,6 @@ SPEED_HEAD_DIMS = (128,)
 # H100/H200 measurements; overridable for experiments.
 _EXP_F16 = os.environ.get("ATTNPATCH_FP8_EXP_F16", "0") == "1"
 _MAGIC = os.environ.get("ATTNPATCH_FP8_MAGIC", "1") == "1"
-# 0: every exp2 on the MUFU unit; 2 / 4: one exp2 in 2 / in 4 by a polynomial on the FMA pipe
-_EXP_MIX = int(os.environ.get("ATTNPATCH_FP8_EXP_MIX", "0"))
 
 
 @functools.lru_cache(maxsize=1)
@@ -180,14 +178,13 @@ def _bucket(n: int) -> int:
 def _triton_forward(q, k, v, scale: float, is_causal: bool, key_padding, layout: str,
                     *, exp_f16: Optional[bool] = None, magic: Optional[bool] = None,
                     pv_fp8: bool = True, fixed_config=None, out=None,
-                    return_quant: bool = False, exp_mix: Optional[int] = None):
+                    return_quant: bool = False):
     """Launch the four kernels.  q, k, v: torch tensors on one device (cuda, or
     cpu under TRITON_INTERPRET=1).  Returns the output in ``layout``."""
     from . import _fp8_triton as T
 
     exp_f16 = _EXP_F16 if exp_f16 is None else exp_f16
     magic = _MAGIC if magic is None else magic
-    exp_mix = _EXP_MIX if exp_mix is None else exp_mix
     qb, kb, vb = (_emu.to_bnsd(t, layout) for t in (q, k, v))
     b, hq, sq, d = qb.shape
     hkv, skv = kb.shape[1], kb.shape[2]
@@ -245,7 +242,7 @@ def _triton_forward(q, k, v, scale: float, is_causal: bool, key_padding, layout:
     args = (q8, qs, k8, ks, vq, vsc, vm, kp, ob, *vb.stride(), *ob.stride(), stride_kpb,
             hq, hq // hkv, sq, skv, skv_pad, _bucket(sq), _bucket(skv))
     kw = dict(D=d, BN=BN, IS_CAUSAL=bool(is_causal), HAS_KP=key_padding is not None,
-              EXP_F16=bool(exp_f16), MAGIC=bool(magic), PV_FP8=bool(pv_fp8), EXP_MIX=int(exp_mix))
+              EXP_F16=bool(exp_f16), MAGIC=bool(magic), PV_FP8=bool(pv_fp8))
     if fixed_config is None and dev.type == "cuda":
         grid = lambda meta: (triton_cdiv(sq, meta["BM"]), b * hq)  # noqa: E731
         T._attn_fwd[grid](*args, **kw)
