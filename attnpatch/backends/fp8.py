@@ -3,9 +3,9 @@
 int8 Q·Kᵀ (per-token Q, per-block K after smoothing K by its token mean) and fp8-e4m3 P·V with fp32
 accumulation. Lossy (3.4-4.8% relative error on random normal inputs, measured on an H100 and an
 H200; see docs/FP8_KERNEL.md), forward only, sm90 only. Where it takes a call, it was measured
-1.08-1.35x faster than cuDNN bf16 on an H100, quantization included. It declines calls where it was measured slower than
-cuDNN's bf16 kernel (sequences below 16384 tokens, head_dim 64), so auto with ``allow_lossy=True`` and
-recipes fall back to the exact kernels there. The kernel module (and Triton) load at first use.
+1.08-1.35x faster than cuDNN bf16 on an H100, quantization included. It declines calls where it was
+measured slower than cuDNN's bf16 kernel (sequences below 16384 tokens, head_dim 64), so auto with
+``allow_lossy=True`` and recipes fall back to the exact kernels there. The kernel module (and Triton) load at first use.
 """
 
 from __future__ import annotations

@@ -35,8 +35,8 @@ SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
 SUPPORTED_LAYOUTS = ("bnsd", "bsnd")
 # Speed thresholds (docs/FP8_KERNEL.md has the measurements behind them).  On an H100,
 # with quantization included, every call kind measured at >= 16384 tokens and head_dim
-# 128 is faster than SDPA cuDNN bf16: 1.33x at (1,40,32760,128), 1.35x at
-# (1,12,32760,128), 1.13x causal, 1.20x key-padded and 1.20x GQA at 16384.  It is slower
+# 128 is faster than SDPA cuDNN bf16: 1.33x at (1,40,32760,128), 1.25-1.35x at
+# (1,12,32760,128) across runs, 1.08-1.13x causal, 1.20x key-padded and 1.20x GQA at 16384.  It is slower
 # or too close to call at (1,24,4608,128) (0.68x), causal 8192 (0.97x), key-padded 4096
 # (1.01x), and at every head_dim 64 shape measured (0.48x-0.68x).  So, unless
 # ``check_speed=False``, fp8_not_supported_reasons declines sequences shorter than these,
