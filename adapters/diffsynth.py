@@ -13,10 +13,12 @@ DiffSynth models reach attention in three ways, all handled here:
 A module is a site when one of its methods (``forward`` or another method defined on its DiffSynth
 class, or a ``forward`` DiffSynth installed on the instance) names one of these, directly or through a
 module-level DiffSynth helper function (followed up to three calls deep). For each such method the
-module gets an instance attribute: a copy of the method whose globals resolve those names to this
-site's replacements (see `attnpatch.rebind`); helpers are copied the same way. DiffSynth's modules,
-its functions and torch.nn.functional are never modified, so other models and other code keep
-DiffSynth's own behaviour; `remove()` deletes the instance attributes.
+module gets a copy of the method whose globals resolve those names to this site's replacements (see `attnpatch.rebind`); helpers are copied the same way. The copies live on a
+per-site subclass the module is given (`attnpatch.patch.site_class`: same name, and copies or pickles
+of the module are of DiffSynth's class, unpatched); a forward DiffSynth installed on the instance is
+replaced on the instance. DiffSynth's modules, its functions and torch.nn.functional are never
+modified, so other models and other code keep DiffSynth's own behaviour; `remove()` restores the
+class and the instance attributes.
 
 Calls that attnpatch cannot express are run on DiffSynth's own function and counted in the report
 (`Site.record_bypass`), never dropped: flex attention with a block mask or ``score_mod``
@@ -33,7 +35,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from attnpatch import router
-from attnpatch.patch import Adapter, Site, SiteMatch, UndoLog
+from attnpatch.patch import Adapter, Site, SiteMatch, UndoLog, original_class, site_class
 from attnpatch.rebind import _SDPA, functional_proxy, rebind, sdpa_for_site, torch_proxy
 
 #: (module name, function name, kind) of DiffSynth's attention entry points replaced per site.
@@ -126,7 +128,7 @@ def _method_plans(module: torch.nn.Module, known) -> List[Tuple[str, Callable, b
             out.append(("forward", inst_fwd.__func__, False, plan))
     elif inst_fwd is not None:
         done.add("forward")  # wrapped by another library: leave it
-    out.extend(entry for entry in _class_plans(type(module), known) if entry[0] not in done)
+    out.extend(entry for entry in _class_plans(original_class(type(module)), known) if entry[0] not in done)
     return out
 
 
@@ -327,9 +329,17 @@ class DiffSynthAdapter(Adapter):
     def patch_site(self, match: SiteMatch, site: Site, undo: UndoLog) -> None:
         realize = _Realizer(site)
         module = match.module
+        class_methods: Dict[str, object] = {}
         for name, fn, static, plan in match.data:
             new = rebind(fn, realize.replacements(plan))
-            undo.set_attr(module, name, new if static else types.MethodType(new, module))
+            if name == "forward" and "forward" in module.__dict__:  # a forward DiffSynth set on the instance
+                undo.set_attr(module, name, types.MethodType(new, module))
+            else:
+                class_methods[name] = staticmethod(new) if static else new
+        if class_methods:
+            # a per-site class: nothing is written on the instance, and a copy or pickle of the module
+            # is an unpatched module of DiffSynth's class
+            undo.set_class(module, site_class(original_class(type(module)), class_methods))
 
 
 ADAPTER = DiffSynthAdapter

@@ -41,7 +41,6 @@ sites (the processor's ``_attention_backend`` is left as it is, and noted on the
 from __future__ import annotations
 
 import copy
-import copyreg
 import functools
 import importlib.util
 import logging
@@ -54,7 +53,7 @@ import torch
 import torch.nn.functional as F
 
 from attnpatch import router
-from attnpatch.patch import Adapter, Site, SiteMatch, UndoLog
+from attnpatch.patch import Adapter, Site, SiteMatch, UndoLog, is_site_class, original_class, site_class
 from attnpatch.rebind import _ProxyModule, functional_proxy, rebind, sdpa_for_site, torch_proxy
 
 logger = logging.getLogger("attnpatch")
@@ -62,8 +61,7 @@ logger = logging.getLogger("attnpatch")
 _SDPA = F.scaled_dot_product_attention
 _MAX_HELPER_DEPTH = 4
 
-#: attribute names attnpatch puts on the per-site classes it creates (never on instances)
-_ORIG = "_attnpatch_orig"
+#: attribute name attnpatch puts on the per-site classes it creates (never on instances)
 _SITE = "_attnpatch_site"
 
 
@@ -297,25 +295,6 @@ class _SiteFunctions:
         return new
 
 
-def _reduce_as(orig: type, new_holder: list):
-    """``__reduce_ex__`` for a per-site class: pickle and copy objects as ``orig``."""
-
-    def __reduce_ex__(self, protocol):
-        rv = super(new_holder[0], self).__reduce_ex__(protocol)
-        if not (isinstance(rv, tuple) and len(rv) >= 2 and isinstance(rv[1], tuple) and rv[1]
-                and rv[1][0] is type(self)):
-            return rv
-        if rv[0] is copyreg.__newobj__ and len(rv[1]) == 1:
-            # pickle insists that __newobj__'s class is the object's own; _reconstructor(cls, object,
-            # None) is object.__new__(orig) (a stdlib callable, so pickles do not need attnpatch)
-            return (copyreg._reconstructor, (orig, object, None)) + rv[2:]
-        if rv[0] is copyreg._reconstructor:
-            return (rv[0], (orig,) + rv[1][1:]) + rv[2:]
-        return rv
-
-    return __reduce_ex__
-
-
 def routed_class(orig: type, site: Site) -> type:
     """The per-site subclass of ``orig`` whose attention functions route to ``site``."""
     cache = _ROUTED.setdefault(site, {})
@@ -323,15 +302,11 @@ def routed_class(orig: type, site: Site) -> type:
     if cls is not None:
         return cls
     funcs = _SiteFunctions(site)
-    ns: Dict[str, Any] = {"__slots__": (), "__module__": orig.__module__, "__qualname__": orig.__qualname__,
-                          "__doc__": orig.__doc__, _ORIG: orig, _SITE: weakref.ref(site)}
+    ns: Dict[str, Any] = {_SITE: weakref.ref(site)}
     for name, (kind, plan) in class_plans(orig).items():
         fn = funcs.copy_of(plan)
         ns[name] = staticmethod(fn) if kind == "staticmethod" else classmethod(fn) if kind == "classmethod" else fn
-    holder: list = []
-    ns["__reduce_ex__"] = _reduce_as(orig, holder)
-    cls = type(orig)(orig.__name__, (orig,), ns)
-    holder.append(cls)
+    cls = site_class(orig, ns)
     cache[orig] = cls
     return cls
 
@@ -339,13 +314,8 @@ def routed_class(orig: type, site: Site) -> type:
 _ROUTED: "weakref.WeakKeyDictionary[Site, Dict[type, type]]" = weakref.WeakKeyDictionary()
 
 
-def original_class(cls: type) -> type:
-    """The class attnpatch's per-site class was made from (``cls`` itself when it is not one)."""
-    return cls.__dict__.get(_ORIG, cls)
-
-
 def is_routed_class(cls: type) -> bool:
-    return _ORIG in cls.__dict__
+    return is_site_class(cls)
 
 
 # -- site info -----------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from typing import List, Optional
 
 import torch
 
-from attnpatch.patch import Adapter, Site, SiteMatch, UndoLog
+from attnpatch.patch import Adapter, Site, SiteMatch, UndoLog, original_class, site_class
 from attnpatch.rebind import calls_sdpa, rebind, sdpa_for_site, sdpa_replacements
 
 _MATMUL_NAMES = {"matmul", "bmm", "baddbmm", "einsum", "transpose"}
@@ -49,7 +49,7 @@ def forward_function(module: torch.nn.Module):
     """The plain function that ``module.forward`` runs, or None when another library wrapped it."""
     inst = module.__dict__.get("forward")
     if inst is None:
-        return type(module).forward
+        return original_class(type(module)).forward
     if isinstance(inst, types.MethodType) and inst.__self__ is module:
         return inst.__func__
     return None
@@ -86,7 +86,13 @@ class TorchSdpaAdapter(Adapter):
         fn = match.data
         sdpa = sdpa_for_site(site)
         new = rebind(fn, sdpa_replacements(fn, sdpa))
-        undo.set_attr(match.module, "forward", types.MethodType(new, match.module))
+        module = match.module
+        if "forward" in module.__dict__:  # a bound method of its own class's forward, set on the instance
+            undo.set_attr(module, "forward", types.MethodType(new, module))
+            return
+        # the module gets a per-site class whose forward is the routed copy: nothing is written on the
+        # instance, and a copy or pickle of the module is an unpatched module of the original class
+        undo.set_class(module, site_class(original_class(type(module)), {"forward": new}))
 
 
 ADAPTER = TorchSdpaAdapter

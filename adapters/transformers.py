@@ -19,36 +19,61 @@ Mechanism (transformers >= 4.48, checked against 5.24):
   ``position_bias`` folded into an additive mask, dropout only when the model passes it (training),
   GQA left to the router, output in (b, s, h, d).
 
-What is not routed, and why, is reported per site: models that declare ``_supports_sdpa = False``
-(softcapping, attention sinks and other features SDPA lacks: they keep their own implementation),
-models that transformers itself cannot switch, paged (continuous-batching) implementations, and
-configs with ``output_attentions=True``. A call that arrives anyway with an argument attnpatch cannot
-honour (``softcap``, ``s_aux``, ``sinks``) runs on the model's own eager function and is counted in
-the report as a fallback, never dropped. Attention modules that do not use the interface fall to the
-generic adapter (`attnpatch.adapters.torch_sdpa`) or are reported by it.
+* Softcapping (Gemma 2, VaultGemma, T5Gemma: ``softcap=``) and attention sinks (GPT-OSS, Granite-SWA:
+  ``s_aux=``) are router features: those models declare ``_supports_sdpa = False`` only because SDPA
+  lacks them, so they are routed (`SERVED_WITHOUT_SDPA`) and the router picks a backend that serves the
+  feature (flex or eager for softcap; any kernel returning the log-sum-exp, or eager, for sinks).
+  Sliding windows arrive inside the mask (transformers' ``sdpa_mask`` builds them), so
+  ``sliding_window=`` needs nothing more.
+* A call with ``output_attentions=True`` (per call or in the config) runs the model's own eager
+  function, which returns the weights, and is counted in the report: never an empty tuple.
+* The config's attention implementation is switched by giving each config a per-patch class whose
+  ``_attn_implementation`` reads "attnpatch"; nothing is written on the config, so a deep copy, a pickle
+  or ``torch.save`` of a patched model holds an unpatched model (it loads without attnpatch). A later
+  ``set_attn_implementation(...)`` (or ``config._attn_implementation = ...``) on a patched model wins:
+  it is warned once and shown in the report.
+* "attnpatch" stays registered in transformers' interfaces only while a patch uses it.
+
+What is not routed, and why, is reported per site: models that declare ``_supports_sdpa = False`` for
+reasons attnpatch does not serve, models that transformers itself cannot switch and paged
+(continuous-batching) implementations. A call that arrives with an argument attnpatch cannot honour
+runs on the model's own eager function and is counted in the report as a fallback, never dropped.
+Attention modules that do not use the interface fall to the generic adapter
+(`attnpatch.adapters.torch_sdpa`) or are reported by it.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import inspect
+import logging
 import sys
 import threading
+import weakref
 from typing import Dict, List, Optional
 
 import torch
 
 from attnpatch import router
-from attnpatch.patch import SITE_OF, Adapter, Site, SiteMatch, UndoLog
+from attnpatch.patch import SITE_OF, Adapter, Site, SiteMatch, UndoLog, original_class, site_class
+
+logger = logging.getLogger("attnpatch")
 
 #: The ``attn_implementation`` name attnpatch registers in transformers.
 IMPLEMENTATION = "attnpatch"
 
 #: Keyword arguments that change the attention maths in a way attnpatch's router cannot express.
-UNSUPPORTED_KWARGS = ("softcap", "s_aux", "sinks")
+UNSUPPORTED_KWARGS = ("sinks",)
+
+#: Model types that declare ``_supports_sdpa = False`` only for features the router serves.
+SERVED_WITHOUT_SDPA = {
+    "gemma2": "softcapping", "vaultgemma": "softcapping", "t5gemma": "softcapping",
+    "gpt_oss": "attention sinks", "granite_swa": "attention sinks",
+}
 
 _LOCK = threading.Lock()
-_REGISTERED = False
+#: live patches using the registered implementation (it is unregistered when the last one goes)
+_USERS: set = set()
 
 
 def _join(prefix: str, name: str) -> str:
@@ -83,20 +108,42 @@ def _position_bias_mask(position_bias, attention_mask, is_causal, query, key):
     return out.contiguous()
 
 
+def _collector():
+    """transformers' output collector (``output_attentions`` per call), or None on older versions."""
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:
+        return None
+    return _active_collector
+
+
+_COLLECTOR = []
+
+
+def _weights_requested(kwargs) -> bool:
+    if kwargs.get("output_attentions"):
+        return True
+    if not _COLLECTOR:
+        _COLLECTOR.append(_collector())
+    col = _COLLECTOR[0]
+    got = col.get() if col is not None else None
+    return bool(got) and ("attentions" in got or "cross_attentions" in got)
+
+
 def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                       attention_mask: Optional[torch.Tensor], dropout: float = 0.0, scaling: Optional[float] = None,
-                      is_causal: Optional[bool] = None, position_bias: Optional[torch.Tensor] = None, **kwargs):
+                      is_causal: Optional[bool] = None, position_bias: Optional[torch.Tensor] = None,
+                      softcap: Optional[float] = None, s_aux: Optional[torch.Tensor] = None, **kwargs):
     """transformers' attention-function signature, served by attnpatch's router.
 
     (b, h, s, d) in; ``(output in (b, s, h, d), None)`` out, like transformers' SDPA path. Calls from
-    modules of models that are not patched (e.g. a deep copy of a patched model, whose config still
-    names "attnpatch") are routed with no site setting: the controls and auto decide.
+    modules that are not patched are routed with no site setting: the controls and auto decide.
     """
     site = SITE_OF.get(module)
-    for name in UNSUPPORTED_KWARGS:
-        if kwargs.get(name) is not None:
-            return _own_implementation(site, name, module, query, key, value, attention_mask, dropout, scaling,
-                                       is_causal, position_bias, kwargs)
+    if kwargs.get("sinks") is not None or _weights_requested(kwargs):
+        why = "sinks" if kwargs.get("sinks") is not None else "output_attentions"
+        return _own_implementation(site, why, module, query, key, value, attention_mask, dropout, scaling,
+                                   is_causal, position_bias, dict(kwargs, softcap=softcap, s_aux=s_aux))
     q_len = query.shape[2]
     # transformers' sdpa_attention_forward, step by step (5.24): the kwarg wins over the module flag,
     # then causal only for a prefill without an explicit mask.
@@ -114,8 +161,11 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         is_causal = False
     if attention_mask is not None and attention_mask.dim() == 2:  # SDPA reads a 2-D mask as (s_q, s_kv)
         attention_mask = attention_mask[None, None]
+    features = None
+    if softcap is not None or s_aux is not None:
+        features = router.make_features(softcap=softcap, sinks=s_aux)
     out = router.route(site.scope if site is not None else None, query, key, value, "bnsd", attention_mask,
-                       is_causal, scaling, dropout, None)
+                       is_causal, scaling, dropout, None, features, s_aux)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -125,7 +175,8 @@ def _own_implementation(site: Optional[Site], arg: str, module, query, key, valu
     were built for SDPA: turn them into the additive form eager functions expect)."""
     modeling = sys.modules.get(type(module).__module__)
     eager = getattr(modeling, "eager_attention_forward", None)
-    if eager is None or arg not in _parameters(eager):
+    if eager is None or (arg != "output_attentions" and arg not in _parameters(eager)
+                         and not any(p.kind == p.VAR_KEYWORD for p in inspect.signature(eager).parameters.values())):
         raise NotImplementedError(
             f"attnpatch: {type(module).__name__} passed {arg}={kwargs.get(arg)!r}, which attnpatch cannot honour, "
             f"and {type(module).__module__} has no eager_attention_forward that takes {arg!r} to run it on; "
@@ -142,8 +193,10 @@ def _own_implementation(site: Optional[Site], arg: str, module, query, key, valu
     if position_bias is not None:
         extra["position_bias"] = position_bias
     if site is not None:
-        site.record_bypass(f"{arg}={kwargs.get(arg)!r} cannot be honoured by attnpatch's backends; ran "
-                           f"{type(module).__module__}.eager_attention_forward")
+        why = ("output_attentions=True needs the attention weights" if arg == "output_attentions" else
+               f"{arg}={kwargs.get(arg)!r} cannot be honoured by attnpatch's backends")
+        site.record_bypass(f"{why}; ran {type(module).__module__}.eager_attention_forward")
+    extra = {k: v for k, v in extra.items() if v is not None or k not in ("softcap", "s_aux")}
     return eager(module, query, key, value, mask, dropout=dropout, scaling=scaling, **extra)
 
 
@@ -161,21 +214,69 @@ def _parameters(fn) -> frozenset:
 
 # -- registration ------------------------------------------------------------------------------------
 
-def register_implementation() -> None:
+def register_implementation(user) -> None:
     """Register ``attn_implementation="attnpatch"`` (attention function and SDPA-style mask function)
-    in transformers' global interfaces. Idempotent; inert for models that do not select the name."""
-    global _REGISTERED
-    if _REGISTERED:
-        return
+    in transformers' global interfaces for ``user`` (a patch); inert for models that do not select it.
+    `unregister_implementation` takes it out again when its last user is gone."""
     with _LOCK:
-        if _REGISTERED:
+        if not _USERS:
+            from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+            from transformers.modeling_utils import AttentionInterface
+
+            AttentionInterface.register(IMPLEMENTATION, attention_forward)
+            AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)
+        _USERS.add(user)
+
+
+def unregister_implementation(user) -> None:
+    with _LOCK:
+        _USERS.discard(user)
+        if _USERS:
             return
-        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+        from transformers.masking_utils import AttentionMaskInterface
         from transformers.modeling_utils import AttentionInterface
 
-        AttentionInterface.register(IMPLEMENTATION, attention_forward)
-        AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)
-        _REGISTERED = True
+        for interface in (AttentionInterface, AttentionMaskInterface):
+            if interface._global_mapping.get(IMPLEMENTATION) is not None:
+                del interface._global_mapping[IMPLEMENTATION]
+
+
+def is_registered() -> bool:
+    from transformers.modeling_utils import AttentionInterface
+
+    return IMPLEMENTATION in AttentionInterface._global_mapping
+
+
+def _config_class(orig: type, original_value, sites: List[Site]) -> type:
+    """The per-patch class of a config: ``_attn_implementation`` reads "attnpatch" until someone sets
+    it (transformers' ``set_attn_implementation``), which then wins, warned once and reported."""
+    state = {"overridden": False}
+    prop = orig.__dict__.get("_attn_implementation")
+    for klass in orig.__mro__:
+        if "_attn_implementation" in klass.__dict__:
+            prop = klass.__dict__["_attn_implementation"]
+            break
+
+    def getter(self):
+        if not state["overridden"]:
+            return IMPLEMENTATION
+        return prop.fget(self)
+
+    def setter(self, value):
+        prop.fset(self, value)
+        if value == IMPLEMENTATION:
+            return
+        if not state["overridden"]:
+            state["overridden"] = True
+            logger.warning("attnpatch: attn_implementation of a patched %s was set to %r; attnpatch no longer "
+                           "routes its attention (report() shows it; attnpatch.remove(model) restores it)",
+                           orig.__name__, value)
+            for site in sites:
+                site.routed = False
+                site.note = (f"attn_implementation set to {value!r} after apply (set_attn_implementation): "
+                             "transformers runs its own implementation; apply again to route it")
+
+    return site_class(orig, {"_attn_implementation": property(getter, setter)})
 
 
 # -- finding sites -------------------------------------------------------------------------------------
@@ -231,16 +332,15 @@ def _not_routed_reason(owner, config) -> str:
     if missing:
         return missing
     impl = getattr(config, "_attn_implementation", None)
-    if owner is not None and not getattr(owner, "_supports_sdpa", False):
-        return (f"{type(owner).__name__} declares _supports_sdpa=False (it needs features SDPA lacks, e.g. "
-                f"softcapping or attention sinks); it keeps its own implementation {impl!r}")
+    if owner is not None and not getattr(owner, "_supports_sdpa", False) and \
+            getattr(config, "model_type", None) not in SERVED_WITHOUT_SDPA:
+        return (f"{type(owner).__name__} declares _supports_sdpa=False (it needs features SDPA lacks) and "
+                f"attnpatch does not know which; it keeps its own implementation {impl!r}")
     can_set = getattr(type(owner), "_can_set_attn_implementation", None) if owner is not None else None
     if can_set is not None and not can_set():
         return f"transformers cannot switch {type(owner).__name__}'s attention implementation at run time"
     if isinstance(impl, str) and impl.startswith("paged"):
         return f"attn_implementation {impl!r} (continuous batching) is left as is"
-    if getattr(config, "output_attentions", False):
-        return "config.output_attentions=True needs the eager implementation's attention weights"
     return ""
 
 
@@ -311,8 +411,7 @@ class TransformersAdapter(Adapter):
     def patch_root(self, root: torch.nn.Module, matches: List[SiteMatch], undo: UndoLog) -> None:
         if not matches:
             return
-        register_implementation()
-        configs = {}
+        configs: Dict[int, object] = {}
         for m in matches:
             config, owners = m.data
             configs.setdefault(id(config), config)
@@ -320,13 +419,26 @@ class TransformersAdapter(Adapter):
                 c = getattr(o, "config", None)
                 if c is not None:
                     configs.setdefault(id(c), c)
+        token = object()
+        register_implementation(token)
+        undo.call(lambda: unregister_implementation(token), "unregister attnpatch from transformers' interfaces")
+        sites: List[Site] = []  # filled by patch_site: the sites a later set_attn_implementation stops
+        for m in matches:
+            _SITES_OF_MATCH[m.module] = sites
         for config in configs.values():
-            if config.__dict__.get("_attn_implementation_internal") == IMPLEMENTATION:
+            if type(config).__dict__.get("_attnpatch_orig") is not None:
                 continue  # already switched (shared with another patched root)
-            undo.set_attr(config, "_attn_implementation_internal", IMPLEMENTATION)
+            orig = original_class(type(config))
+            undo.set_class(config, _config_class(orig, config.__dict__.get("_attn_implementation_internal"), sites))
 
     def patch_site(self, match: SiteMatch, site: Site, undo: UndoLog) -> None:
-        pass  # the config switch routes the module; the function finds the site in SITE_OF
+        # the config switch routes the module; the function finds the site in SITE_OF
+        sites = _SITES_OF_MATCH.pop(match.module, None)
+        if sites is not None:
+            sites.append(site)
+
+
+_SITES_OF_MATCH: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 ADAPTER = TransformersAdapter

@@ -32,13 +32,13 @@ import math
 import os
 import pathlib
 import platform
-import tempfile
 import threading
 import time
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
+from . import diskfile
 from .call import Call
 
 logger = logging.getLogger("attnpatch")
@@ -237,58 +237,35 @@ def _serialise(machines: Dict[str, dict]) -> str:
                       sort_keys=True)
 
 
-def _read_file(path: pathlib.Path) -> Dict[str, dict]:
-    """The file's sections, or {} (with a warning) when it is missing, unreadable or corrupt."""
+class Unusable(Exception):
+    """The cache file exists but could not be read or understood: it is never written over."""
+
+
+def _load(path: pathlib.Path) -> Dict[str, dict]:
+    """The file's sections; {} when there is no file. Raises `Unusable` for a file that is there but
+    could not be read or is not an attnpatch cache of this version (see `attnpatch.diskfile`)."""
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return {}
-    except (OSError, UnicodeDecodeError) as exc:
-        _warn_once(("read", str(path), str(exc)), "attnpatch: cannot read the autotune cache %s (%s); ignoring it",
-                   path, exc)
+        text = diskfile.read_text(path)
+    except diskfile.Refused as exc:
+        raise Unusable(str(exc)) from None
+    if text is None:
         return {}
     try:
         return parse(text, str(path))
     except ValueError as exc:
-        _warn_once(("corrupt", str(path), str(exc)),
-                   "attnpatch: ignoring the autotune cache %s: %s. Choices will be measured again "
-                   "(attnpatch autotune --clear removes the file).", path, exc)
+        raise Unusable(f"{path}: {exc}") from None
+
+
+def _read_file(path: pathlib.Path) -> Dict[str, dict]:
+    """The file's sections, or {} (with a warning once) when it is missing, unreadable or not ours."""
+    try:
+        return _load(path)
+    except Unusable as exc:
+        _warn_once(("unusable", str(path), str(exc)),
+                   "attnpatch: not using the autotune cache: %s. Choices are measured again and kept in memory; "
+                   "the file is left as it is (`attnpatch autotune --clear` removes an attnpatch cache, or set "
+                   "ATTNPATCH_CACHE_DIR to another folder).", exc)
         return {}
-
-
-@contextlib.contextmanager
-def _file_lock(path: pathlib.Path) -> Iterator[None]:
-    """An exclusive lock on ``path`` + ".lock" (fcntl where it exists; else no lock, the replace is
-    still atomic)."""
-    lock_path = path.with_name(path.name + ".lock")
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows
-        yield
-        return
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-        finally:
-            os.close(fd)
-
-
-def _write_atomic(path: pathlib.Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def _prune(machines: Dict[str, dict]) -> None:
@@ -307,18 +284,19 @@ def persist(path: pathlib.Path, mkey: str, machine: dict, skey: str, entry: dict
     (with a warning) when the file cannot be written; the choice still holds in memory."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with _file_lock(path):
-            machines = _read_file(path)
+        with diskfile.locked(path):
+            machines = _load(path)  # never write over a file that could not be read
+            diskfile.check_replaceable(path)
             section = machines.setdefault(mkey, {"machine": machine, "updated": "", "entries": {}})
             section["machine"] = machine
             section["entries"][skey] = entry
             section["updated"] = entry.get("measured", _now())
             _prune(machines)
-            _write_atomic(path, _serialise(machines))
+            diskfile.replace_text(path, _serialise(machines))
         return True
-    except OSError as exc:
-        _warn_once(("write", str(path)), "attnpatch: cannot write the autotune cache %s (%s); measured choices "
-                   "are kept in memory only", path, exc)
+    except (OSError, Unusable) as exc:
+        _warn_once(("write", str(path)), "attnpatch: not writing the autotune cache (%s); measured choices "
+                   "are kept in memory only", exc)
         return False
 
 
@@ -330,6 +308,7 @@ class _Store:
         self.machines: Dict[str, dict] = _read_file(path)
         self.loaded_from_disk = {(m, s) for m, sec in self.machines.items() for s in sec["entries"]}
         self.stale_checked: set = set()
+        self.writable = True  # False after a write failed: later choices stay in memory, no retry per call
 
     def get(self, mkey: str, skey: str) -> Optional[dict]:
         section = self.machines.get(mkey)
@@ -346,7 +325,8 @@ class _Store:
         section = self.machines.setdefault(mkey, {"machine": machine, "updated": "", "entries": {}})
         section["entries"][skey] = entry
         section["updated"] = entry["measured"]
-        persist(self.path, mkey, machine, skey, entry)
+        if self.writable:
+            self.writable = persist(self.path, mkey, machine, skey, entry)
 
 
 def _store() -> _Store:
@@ -361,6 +341,22 @@ def _store() -> _Store:
 
 # -- public cache API ----------------------------------------------------------------------------
 
+def _is_own_file(path: pathlib.Path) -> bool:
+    """Whether ``path`` holds an attnpatch autotune cache (any version) or a corrupt one (not JSON),
+    which `clear_cache` may remove; False for another program's JSON file or an unreadable file."""
+    try:
+        text = diskfile.read_text(path)
+    except diskfile.Refused:
+        return False
+    if text is None:
+        return True
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return True
+    return isinstance(data, dict) and data.get("format") == FILE_FORMAT
+
+
 def clear_cache() -> int:
     """Remove every measured choice (in memory and the file on disk); return how many entries were
     removed. Cached router decisions are dropped too, so the next calls decide again."""
@@ -371,9 +367,14 @@ def clear_cache() -> int:
             if s.path == path:
                 seen |= {(m, k) for m, sec in s.machines.items() for k in sec["entries"]}
         try:
-            with _file_lock(path) if path.parent.exists() else contextlib.nullcontext():
-                seen |= {(m, k) for m, sec in _read_file(path).items() for k in sec["entries"]}
-                with contextlib.suppress(FileNotFoundError):
+            with diskfile.locked(path) if path.parent.exists() else contextlib.nullcontext():
+                try:
+                    seen |= {(m, k) for m, sec in _load(path).items() for k in sec["entries"]}
+                except Unusable as exc:
+                    if not _is_own_file(path):
+                        raise diskfile.Refused(f"{exc}; not removed: it is not an attnpatch cache") from None
+                st = diskfile.check_replaceable(path)
+                if st is not None:
                     path.unlink()
         except OSError as exc:
             logger.warning("attnpatch: cannot remove the autotune cache %s: %s", path, exc)

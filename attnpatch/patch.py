@@ -13,6 +13,7 @@ order, each only after checking that the current value is still attnpatch's, so 
 from __future__ import annotations
 
 import contextlib
+import copyreg
 import logging
 import threading
 import weakref
@@ -76,11 +77,10 @@ class Site:
         """(calls per backend, fallbacks per (refused backend, used backend, reason)) for this site."""
         calls: Counter = Counter()
         fallbacks: Counter = Counter()
-        for site, name, fallback, n in router.iter_counts():
-            if site is self:
-                calls[name] += n
-                for refused, why in fallback:
-                    fallbacks[(refused, name, why)] += n
+        for _site, name, fallback, n in router.iter_counts(self):
+            calls[name] += n
+            for refused, why in fallback:
+                fallbacks[(refused, name, why)] += n
         return calls, fallbacks
 
     def as_dict(self) -> Dict[str, Any]:
@@ -113,6 +113,55 @@ class SiteMatch:
     routed: bool = True
     note: str = ""
     data: Any = None  # adapter-private (e.g. which function to rebind)
+
+
+# -- per-site classes ------------------------------------------------------------------------------------
+
+#: attribute names attnpatch puts on the per-site classes it creates (never on instances)
+ORIGINAL_CLASS = "_attnpatch_orig"
+
+
+def original_class(cls: type) -> type:
+    """The class attnpatch's per-site class was made from (``cls`` itself when it is not one)."""
+    return cls.__dict__.get(ORIGINAL_CLASS, cls)
+
+
+def is_site_class(cls: type) -> bool:
+    return ORIGINAL_CLASS in cls.__dict__
+
+
+def _reduce_as(orig: type, holder: list):
+    """``__reduce_ex__`` for a per-site class: pickle and copy objects as ``orig``."""
+
+    def __reduce_ex__(self, protocol):
+        rv = super(holder[0], self).__reduce_ex__(protocol)
+        if not (isinstance(rv, tuple) and len(rv) >= 2 and isinstance(rv[1], tuple) and rv[1]
+                and rv[1][0] is type(self)):
+            return rv
+        if rv[0] is copyreg.__newobj__ and len(rv[1]) == 1:
+            # pickle insists that __newobj__'s class is the object's own; _reconstructor(cls, object,
+            # None) is object.__new__(orig) (a stdlib callable, so pickles do not need attnpatch)
+            return (copyreg._reconstructor, (orig, object, None)) + rv[2:]
+        if rv[0] is copyreg._reconstructor:
+            return (rv[0], (orig,) + rv[1][1:]) + rv[2:]
+        return rv
+
+    return __reduce_ex__
+
+
+def site_class(orig: type, namespace: Dict[str, Any]) -> type:
+    """A subclass of ``orig`` that adds ``namespace`` (attnpatch's routed functions or properties) and
+    otherwise behaves as ``orig``: the same name, module and qualname, and objects of it pickle,
+    copy and deep-copy as ``orig`` objects, so a copy of a patched model is an unpatched model. Give
+    an object this class with `UndoLog.set_class` (undone exactly by `Patch.remove`)."""
+    ns: Dict[str, Any] = {"__slots__": (), "__module__": orig.__module__, "__qualname__": orig.__qualname__,
+                          "__doc__": orig.__doc__, ORIGINAL_CLASS: orig}
+    ns.update(namespace)
+    holder: list = []
+    ns["__reduce_ex__"] = _reduce_as(orig, holder)
+    cls = type(orig)(orig.__name__, (orig,), ns)
+    holder.append(cls)
+    return cls
 
 
 # -- undo ---------------------------------------------------------------------------------------------
@@ -324,10 +373,9 @@ class Patch:
         """Per site: the backend that actually ran and how many times, and every fallback with its
         reason. Calls traced under torch.compile are listed as decided, not counted."""
         rows = []
-        compiled = router.COMPILED_DECISIONS
         for s in self.sites:
             calls, fallbacks = s.counts()
-            traced = sorted(name for (site, name) in compiled if site is s)
+            traced = sorted(router.compiled_decisions_of(s))
             rows.append(ReportRow(s, dict(calls), dict(fallbacks), traced))
         notes = [f"left alone (not patched): {', '.join(self.left_alone)}"] if self.left_alone else []
         return Report(rows, self.recipe_name, notes)
@@ -344,6 +392,7 @@ class Patch:
                            strict=s.strict if strict is None else strict,
                            allow_lossy=s.allow_lossy if allow_lossy is None else allow_lossy, recipe=s.recipe)
             self.settings = new
+            router.forget_scopes(self._all_scopes())
             for site in self.sites:
                 old = site.scope
                 site.scope = Scope(
@@ -353,16 +402,26 @@ class Patch:
                 )
         return self
 
+    def _all_scopes(self) -> List[Scope]:
+        """Every Scope this patch gave the router (each site's, and those of its step schedule)."""
+        scopes = [s.scope for s in self.sites if s.scope is not None]
+        if self.schedule is not None:
+            scopes += [scope for _site, cands in self.schedule.entries for _sel, scope in cands]
+        return scopes
+
     def remove(self) -> None:
-        """Undo every change of this patch (newest first). Idempotent."""
+        """Undo every change of this patch (newest first). Idempotent. The router forgets the plans
+        and decisions it cached for this patch's sites (their call counts stay in `report`)."""
         with _LOCK:
             if self.removed:
                 return
+            scopes = self._all_scopes()
             self._undo_extras()
             for rp in reversed(self._roots):
                 self._remove_root(rp)
             self._roots.clear()
             self.removed = True
+            router.forget_scopes(scopes)
 
     def _undo_extras(self) -> None:
         if self.schedule is not None:
@@ -585,6 +644,7 @@ def _inside_claimed(path: str, claimed) -> bool:
 
 def _remove_roots_of(self: Patch, modules: List[torch.nn.Module]) -> None:
     with _LOCK:
+        scopes = self._all_scopes()
         keep = []
         for rp in self._roots:
             if any(rp.root is m for m in modules):
@@ -595,6 +655,8 @@ def _remove_roots_of(self: Patch, modules: List[torch.nn.Module]) -> None:
         if not keep:
             self._undo_extras()
             self.removed = True
+        live = {id(s) for s in self._all_scopes()} if keep else set()
+        router.forget_scopes([s for s in scopes if id(s) not in live])
 
 
 Patch._remove_roots_of = _remove_roots_of

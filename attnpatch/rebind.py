@@ -89,7 +89,7 @@ _COUNTER = itertools.count()
 
 
 def rebind(fn: Callable, replacements: Dict[str, object]) -> Callable:
-    """A copy of plain function ``fn`` whose globals have ``replacements`` applied.
+    """A copy of plain function ``fn`` (with its own code object) whose globals have ``replacements`` applied.
 
     The copied globals are the ``__dict__`` of a private module registered in ``sys.modules`` under
     a unique name (and removed when the copy is garbage-collected): torch.compile (dynamo) finds a
@@ -106,7 +106,10 @@ def rebind(fn: Callable, replacements: Dict[str, object]) -> Callable:
     g["__name__"] = name
     g.pop("__spec__", None)
     g.pop("__loader__", None)
-    new = types.FunctionType(fn.__code__, g, fn.__name__, fn.__defaults__, fn.__closure__)
+    # A code object of its own: dynamo caches compiled frames per code object and installs their
+    # helpers in the globals of the frame it compiled first, so two copies sharing one code object but
+    # not their globals would look those helpers up in the wrong globals after a graph break.
+    new = types.FunctionType(fn.__code__.replace(), g, fn.__name__, fn.__defaults__, fn.__closure__)
     new.__kwdefaults__ = fn.__kwdefaults__
     new.__dict__.update(fn.__dict__)
     new.__qualname__ = fn.__qualname__
@@ -119,38 +122,26 @@ def rebind(fn: Callable, replacements: Dict[str, object]) -> Callable:
     return new
 
 
-_warned_ranks: set = set()
-
-
 def sdpa_for_site(site) -> Callable:
     """A drop-in for F.scaled_dot_product_attention that routes this site's calls to the router.
 
-    Keeps SDPA's semantics: a 2-D mask is (s_q, s_kv); 3-D inputs are (heads, seq, dim) without batch.
-    Inputs of other ranks go to torch's own SDPA and are logged once per site (not silently)."""
+    Keeps SDPA's semantics: a 2-D mask is (s_q, s_kv); inputs of rank 3 and higher are (…, heads, seq,
+    dim); torch's ``CausalBias`` masks are understood. ``enable_gqa`` is not needed: the router serves
+    GQA whenever key/value have fewer heads."""
     from . import router
 
     route = router.route
+    Tensor = torch.Tensor
 
     def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
                                      scale=None, enable_gqa=False):
-        if query.dim() == 4 and key.dim() == 4:
+        features = None
+        if attn_mask is not None:
+            if type(attn_mask) is not Tensor:
+                attn_mask, is_causal, window = router.causal_bias_args(attn_mask, is_causal, None)
+                features = router.make_features(window)
             if attn_mask is not None and attn_mask.dim() == 2:
                 attn_mask = attn_mask[None, None]
-            return route(site.scope, query, key, value, "bnsd", attn_mask, is_causal, scale, dropout_p, None)
-        if query.dim() == 3 and key.dim() == 3:
-            if attn_mask is not None:
-                attn_mask = attn_mask[None] if attn_mask.dim() == 3 else attn_mask[None, None] if attn_mask.dim() == 2 else attn_mask
-            return route(site.scope, query[None], key[None], value[None], "bnsd", attn_mask, is_causal, scale,
-                         dropout_p, None)[0]
-        key_ = (id(site), query.dim())
-        if key_ not in _warned_ranks:
-            _warned_ranks.add(key_)
-            import logging
-
-            logging.getLogger("attnpatch").warning(
-                "attnpatch: %s called scaled_dot_product_attention with %d-D inputs; attnpatch routes 3-D "
-                "and 4-D calls, so this one runs on torch's SDPA", getattr(site, "path", site), query.dim())
-        kw = {"enable_gqa": enable_gqa} if enable_gqa else {}
-        return _SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **kw)
+        return route(site.scope, query, key, value, "bnsd", attn_mask, is_causal, scale, dropout_p, None, features)
 
     return scaled_dot_product_attention

@@ -67,7 +67,16 @@ logger = logging.getLogger("attnpatch")
 
 VERSION = 1
 SITE_KINDS = ("self", "cross", "joint", "unknown")
-_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
+_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_.-]*")  # used with fullmatch
+
+#: Bounds on what a recipe may cost to read (a recipe is untrusted input: see docs/THREAT_MODEL.md).
+MAX_RECIPE_BYTES = 1 << 20
+#: Nodes after YAML aliases are expanded (a "billion laughs" file expands to billions).
+MAX_RECIPE_NODES = 100_000
+#: Nesting depth of mappings and lists.
+MAX_RECIPE_DEPTH = 50
+#: Longest ``re:`` pattern.
+MAX_REGEX_CHARS = 500
 _NUM_RE = re.compile(r"^\d+$")
 
 
@@ -215,9 +224,25 @@ class _Node:
         self.key_line = key_line
 
 
+_TAG_HINTS = {
+    "tag:yaml.org,2002:merge": "YAML merge keys (<<) are not supported in recipes; write the keys out",
+    "tag:yaml.org,2002:timestamp": "this value reads as a date/time; quote it to make it a string",
+    "tag:yaml.org,2002:binary": "binary values are not supported in recipes",
+    "tag:yaml.org,2002:set": "sets are not supported in recipes; use a list",
+    "tag:yaml.org,2002:omap": "ordered maps are not supported in recipes; use a mapping",
+    "tag:yaml.org,2002:pairs": "pairs are not supported in recipes; use a mapping",
+}
+
+
 def _parse_yaml(text: str, source: str) -> _Node:
     """Compose ``text`` with PyYAML's safe loader and convert it to `_Node` trees (values + lines).
-    Refuses any non-standard tag (``!!python/object`` and friends) and duplicate keys."""
+    Refuses any non-standard tag (``!!python/object`` and friends), duplicate keys, recursive aliases,
+    and files that expand past `MAX_RECIPE_NODES` nodes or `MAX_RECIPE_DEPTH` levels."""
+    if len(text) > MAX_RECIPE_BYTES:
+        raise RecipeError(f"the recipe is {len(text)} characters, over the limit of {MAX_RECIPE_BYTES}", source)
+    nul = text.find("\0")
+    if nul >= 0:
+        raise RecipeError("the recipe contains a NUL byte; recipes are UTF-8 text", source, text.count("\n", 0, nul) + 1)
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as exc:
@@ -230,33 +255,53 @@ def _parse_yaml(text: str, source: str) -> _Node:
             problem += f" ({exc.context} at line {cm.line + 1}, column {cm.column + 1})"
         raise RecipeError(f"malformed YAML{col}: {problem}", source, line) from None
     except yaml.YAMLError as exc:
-        raise RecipeError(f"malformed YAML: {exc}", source) from None
+        mark = getattr(exc, "problem_mark", None)  # e.g. a ReaderError for a control character
+        line = mark.line + 1 if mark is not None else None
+        if line is None and getattr(exc, "position", None) is not None:
+            line = text.count("\n", 0, exc.position) + 1
+        raise RecipeError(f"malformed YAML: {exc}", source, line) from None
     if node is None:
         raise RecipeError("the file is empty; a recipe needs at least `version: 1` and `name:`", source, 1)
     constructor = yaml.SafeLoader("")
+    count = [0]
+    active: set = set()
 
-    def convert(n):
+    def convert(n, depth):
         line = n.start_mark.line + 1
+        count[0] += 1
+        if count[0] > MAX_RECIPE_NODES:
+            raise RecipeError(f"the recipe expands to more than {MAX_RECIPE_NODES} values (YAML aliases that "
+                              "repeat each other?); recipes are small: write the values out", source, line)
+        if depth > MAX_RECIPE_DEPTH:
+            raise RecipeError(f"the recipe nests deeper than {MAX_RECIPE_DEPTH} levels", source, line)
         if n.tag not in _SAFE_TAGS:
-            raise RecipeError(
+            hint = _TAG_HINTS.get(n.tag)
+            raise RecipeError(hint or (
                 f"the YAML tag {n.tag!r} is not allowed: recipes are plain data (strings, numbers, booleans, "
-                "lists and mappings); no tag may construct Python objects", source, line)
-        if isinstance(n, yaml.MappingNode):
-            out: Dict[str, _Node] = {}
-            for k, v in n.value:
-                key = convert(k)
-                if not isinstance(key.value, str):
-                    raise RecipeError(f"mapping keys must be strings, got {key.value!r}", source, key.line)
-                if key.value in out:
-                    raise RecipeError(f"duplicate key {key.value!r}", source, key.line)
-                out[key.value] = convert(v)
-                out[key.value].key_line = key.line
-            return _Node(out, line)
-        if isinstance(n, yaml.SequenceNode):
-            return _Node([convert(x) for x in n.value], line)
+                "lists and mappings); no tag may construct Python objects"), source, line)
+        if isinstance(n, (yaml.MappingNode, yaml.SequenceNode)):
+            if id(n) in active:
+                raise RecipeError("a YAML alias refers to a mapping or list that contains it (a recursive "
+                                  "alias); recipes are plain data", source, line)
+            active.add(id(n))
+            try:
+                if isinstance(n, yaml.MappingNode):
+                    out: Dict[str, _Node] = {}
+                    for k, v in n.value:
+                        key = convert(k, depth + 1)
+                        if not isinstance(key.value, str):
+                            raise RecipeError(f"mapping keys must be strings, got {key.value!r}", source, key.line)
+                        if key.value in out:
+                            raise RecipeError(f"duplicate key {key.value!r}", source, key.line)
+                        out[key.value] = convert(v, depth + 1)
+                        out[key.value].key_line = key.line
+                    return _Node(out, line)
+                return _Node([convert(x, depth + 1) for x in n.value], line)
+            finally:
+                active.discard(id(n))
         return _Node(constructor.construct_object(n, deep=True), line)
 
-    return convert(node)
+    return convert(node, 0)
 
 
 def _wrap_plain(value, line=None) -> _Node:
@@ -324,16 +369,17 @@ class _Checker:
                 close = difflib_close(n, registry.backend_names())
                 hint = f" (did you mean {close!r}?)" if close else ""
                 self.fail(node, field, f"unknown backend {n!r}{hint}; valid: {valid}")
+        if not names:
+            self.fail(node, field, f"is an empty list; give a backend name, a priority list or auto; valid: {valid}")
         self.fail(node, field, f"{list(names)} is not a valid backend list: 'auto' must stand alone; valid names: {valid}")
 
     def pattern(self, node: _Node, field: str, text: str) -> str:
         if not text:
             self.fail(node, field, "an empty pattern matches nothing; use '**' for every site")
         if text.startswith("re:"):
-            try:
-                re.compile(text[3:])
-            except re.error as exc:
-                self.fail(node, field, f"invalid regular expression {text[3:]!r}: {exc}")
+            why = unsafe_regex(text[3:])
+            if why:
+                self.fail(node, field, f"regular expression {text[3:]!r} {why}")
         elif ".." in text or text.startswith(".") or text.endswith("."):
             self.fail(node, field, f"glob {text!r} has an empty path segment; segments are separated by single dots")
         return text
@@ -368,6 +414,74 @@ class _Checker:
             else:
                 self.fail(item, f, f"must be {allowed}; got keys {sorted(v)}")
         return IndexSelector(tuple(out))
+
+
+def _unbounded_repeats(tree, inside: bool) -> Optional[str]:
+    """Walk a parsed regex (``re._parser``): the first unbounded repeat nested in another, or None."""
+    try:
+        from re import _constants as c  # Python >= 3.11
+    except ImportError:  # pragma: no cover
+        import sre_constants as c
+    repeats = {c.MAX_REPEAT, c.MIN_REPEAT}
+    possessive = getattr(c, "POSSESSIVE_REPEAT", None)
+    for op, av in tree:
+        if op in repeats or op == possessive:
+            lo, hi, sub = av
+            unbounded = hi == c.MAXREPEAT or hi > 100
+            if inside and op != possessive and (unbounded or lo != hi):
+                return "a repeated group contains another variable repeat (like (a+)+ or (a{1,3})+)"
+            found = _unbounded_repeats(sub, inside or (unbounded and op != possessive))
+            if found:
+                return found
+        elif op == c.SUBPATTERN:
+            found = _unbounded_repeats(av[-1], inside)
+            if found:
+                return found
+        elif op == c.BRANCH:
+            if inside:
+                firsts = [b[0] if len(b) else None for b in av[1]]
+                chars = [f[1] for f in firsts if f is not None and f[0] == c.LITERAL]
+                if len(chars) != len(firsts) or len(set(chars)) != len(chars):
+                    return "a repeated group contains alternatives that can match the same text (like (a|ab)+)"
+            for branch in av[1]:
+                found = _unbounded_repeats(branch, inside)
+                if found:
+                    return found
+        elif op in (c.ASSERT, c.ASSERT_NOT):
+            found = _unbounded_repeats(av[1], inside)
+            if found:
+                return found
+        elif op == c.GROUPREF_EXISTS:
+            for branch in av[1:]:
+                if branch is not None:
+                    found = _unbounded_repeats(branch, inside)
+                    if found:
+                        return found
+    return None
+
+
+def unsafe_regex(pattern: str) -> Optional[str]:
+    r"""Why ``pattern`` is refused as a recipe regex, or None. Refused: invalid ones, ones longer than
+    `MAX_REGEX_CHARS`, backreferences, and nested unbounded repeats (``(a+)+``, ``([\w.]+)+Z``), whose
+    matching time can grow exponentially with the path (Python's ``re`` has no time limit)."""
+    if len(pattern) > MAX_REGEX_CHARS:
+        return f"is {len(pattern)} characters, over the limit of {MAX_REGEX_CHARS}"
+    try:
+        re.compile(pattern)
+        try:
+            from re import _parser as parser
+        except ImportError:  # pragma: no cover
+            import sre_parse as parser
+        tree = parser.parse(pattern)
+    except (re.error, RecursionError) as exc:
+        return f"is an invalid regular expression: {exc}"
+    if re.search(r"\\[1-9]|\(\?P=", pattern):
+        return "uses a backreference, which recipes do not allow (matching time is unbounded)"
+    nested = _unbounded_repeats(tree, False)
+    if nested:
+        return (f"is refused: {nested}, which can take exponential time to match; write it without the "
+                "nesting (e.g. (a+)+ as a+) or use a glob")
+    return None
 
 
 def _type_name(v) -> str:
@@ -407,7 +521,7 @@ def _build(root: _Node, source: str) -> Recipe:
     if version != VERSION:
         c.fail(top["version"], "version", f"unsupported recipe version {version}; this attnpatch reads version {VERSION}")
     name = c.type(top["name"], "name", str, "a string")
-    if not _NAME_RE.match(name):
+    if not _NAME_RE.fullmatch(name):
         c.fail(top["name"], "name", f"{name!r} is not a valid name; use lower-case letters, digits, '-', '_' and '.'")
     description = c.type(top["description"], "description", str, "a string") if "description" in top else ""
 
@@ -496,14 +610,27 @@ def from_dict(data: Dict[str, Any], source: str = "<dict>") -> Recipe:
 def load_file(path: Union[str, "os.PathLike[str]"]) -> Recipe:
     """Read and validate the recipe file at ``path``."""
     path = os.fspath(path)
+    import pathlib
+
+    from . import diskfile
+
+    p = pathlib.Path(path)
     try:
-        with open(path, "r", encoding="utf-8") as f:
-            text = f.read()
-    except FileNotFoundError:
+        text = diskfile.read_text(p.resolve() if p.is_symlink() else p, MAX_RECIPE_BYTES)
+    except diskfile.Refused as exc:
+        line = None
+        msg = str(exc)
+        if "not UTF-8" in msg:
+            try:
+                raw = pathlib.Path(path).read_bytes()[:MAX_RECIPE_BYTES]
+                bad = raw.decode("utf-8", errors="replace").find("\ufffd")
+                line = raw[:max(bad, 0)].count(b"\n") + 1 if bad >= 0 else None
+            except OSError:
+                pass
+        raise RecipeError(f"cannot read the recipe: {msg}", path, line) from None
+    if text is None:
         raise RecipeError("no such file; give a shipped recipe name "
-                          f"({', '.join(shipped_names())}) or a path to a .yaml file", path) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise RecipeError(f"cannot read the file: {exc}", path) from None
+                          f"({', '.join(shipped_names())}) or a path to a .yaml file", path)
     return loads(text, path)
 
 
@@ -551,7 +678,7 @@ _SHIPPED_CACHE: Dict[str, Tuple[int, Recipe]] = {}
 def shipped(name: str) -> Recipe:
     """A shipped recipe by name (validated against the backends registered now)."""
     f = _shipped_files().get(name)
-    if f is None or not _NAME_RE.match(name):
+    if f is None or not _NAME_RE.fullmatch(name):
         close = difflib_close(name, shipped_names())
         hint = f" (did you mean {close!r}?)" if close else ""
         raise RecipeError(f"no shipped recipe named {name!r}{hint}; shipped: {', '.join(shipped_names())}; "

@@ -27,6 +27,16 @@ _DTYPE_NAMES = {
 }
 
 
+_CUDA_AVAILABLE: List[bool] = []
+
+
+def cuda_available() -> bool:
+    """torch.cuda.is_available(), asked once per process."""
+    if not _CUDA_AVAILABLE:
+        _CUDA_AVAILABLE.append(bool(torch.cuda.is_available()))
+    return _CUDA_AVAILABLE[0]
+
+
 def _dtype_name(dt) -> str:
     return _DTYPE_NAMES.get(dt, str(dt).replace("torch.", ""))
 
@@ -53,9 +63,12 @@ def version_at_least(have: str, need: str) -> bool:
     return a + (0,) * (n - len(a)) >= b + (0,) * (n - len(b))
 
 
-#: The runner a backend returns from `Backend.build`: takes q, k, v in the backend's NATIVE_LAYOUT,
-#: the mask already viewed as 4-D (or None), is_causal, scale (None = 1/sqrt(d)) and dropout_p, and
-#: returns the output in NATIVE_LAYOUT.
+#: The runner a backend returns from `Backend.build(call)`: takes q, k, v in the backend's
+#: NATIVE_LAYOUT, the mask already viewed as 4-D (or None), is_causal, scale (None = 1/sqrt(d)) and
+#: dropout_p, and returns the output in NATIVE_LAYOUT. Where ``call.return_lse`` is set it returns
+#: ``(out, lse)`` with lse float32 (b, h, s_q) (see `attnpatch.call`); where ``call.sinks`` is set and
+#: the backend declares ``SUPPORTS_SINKS`` it takes the sinks tensor (h_q,) as an 8th argument. The
+#: window and softcap of the call are fixed per plan (``call.window``, ``call.softcap``).
 Runner = Callable[..., torch.Tensor]
 
 
@@ -74,8 +87,21 @@ class Backend:
       ``SUPPORTS_CAUSAL_WITH_MASK``, ``SUPPORTS_CROSS`` (seq_q != seq_kv), ``SUPPORTS_V_HEAD_DIM_DIFFERENT``.
     * ``SUPPORTED_DEVICES``, ``SUPPORTED_DTYPES``, ``SUPPORTED_MASKS`` (subset of "none", "bool",
       "additive"), ``KEY_PADDING_MASKS_ONLY`` (masks must be (b, 1, 1, s_kv)-shaped).
-    * ``MIN_HEAD_DIM``, ``MAX_HEAD_DIM``, ``HEAD_DIM_MULTIPLE``, ``MIN_SEQ_KV`` (accuracy floor for lossy
-      kernels), ``CUDA_MIN_CAPABILITY``, ``CUDA_MAX_CAPABILITY`` (inclusive, e.g. (9, 0) for Hopper only).
+    * ``MIN_HEAD_DIM``, ``MAX_HEAD_DIM``, ``HEAD_DIM_MULTIPLE``, ``MIN_SEQ_KV`` / ``MIN_SEQ_Q`` (accuracy
+      or speed floors, checked against the lower bound of the call's length bucket so that a decision
+      holds for every length that shares it), ``CUDA_MIN_CAPABILITY``, ``CUDA_MAX_CAPABILITY``
+      (inclusive, e.g. (9, 0) for Hopper only).
+    * ``SUPPORTS_WINDOW`` (sliding window), ``SUPPORTS_SOFTCAP`` (score softcapping),
+      ``SUPPORTS_SINKS`` (per-head sink logits, natively), ``SUPPORTS_LSE`` (the runner can also
+      return the log-sum-exp; the router then serves ``return_lse`` and, by rescaling the output,
+      sinks without gradients), ``LSE_WITH_MASKS`` (its LSE is -inf for fully masked rows, so it may
+      be asked for with a mask or window).
+    * ``NEEDS_UNIT_LAST_DIM_STRIDE`` — q/k/v must have stride 1 in their last dimension (most fused
+      kernels); the router checks it per call for these backends and falls back otherwise.
+    * ``NEEDS_LENGTH_RELATION`` — the reasons depend on whether seq_q is <, == or > seq_kv beyond
+      ``SUPPORTS_CROSS`` (compiled calls then guard on that relation).
+    * ``RUNNER_FIXED_LENGTHS`` — the runner built for one call bakes in its sequence lengths (e.g. a
+      block mask), so it is rebuilt for each new length instead of being shared within a bucket.
     * ``NATIVE_LAYOUT`` — the layout the runner takes ("bnsd" or "bsnd"); the router transposes views.
     * ``AUTO_PRIORITY`` — static auto order per device class ("cpu", "cuda", "cuda_sm90", ...): lower
       runs first, missing means auto never picks it on that device class.
@@ -105,6 +131,16 @@ class Backend:
     HEAD_DIM_MULTIPLE: int = 1
     MIN_SEQ_KV: int = 1
     MIN_SEQ_KV_WHY: str = "where this kernel is accurate"
+    MIN_SEQ_Q: int = 1
+    MIN_SEQ_Q_WHY: str = "where this kernel is accurate"
+    SUPPORTS_WINDOW: bool = False
+    SUPPORTS_SOFTCAP: bool = False
+    SUPPORTS_SINKS: bool = False
+    SUPPORTS_LSE: bool = False
+    LSE_WITH_MASKS: bool = True
+    NEEDS_UNIT_LAST_DIM_STRIDE: bool = False
+    NEEDS_LENGTH_RELATION: bool = False
+    RUNNER_FIXED_LENGTHS: bool = False
     CUDA_MIN_CAPABILITY: Optional[tuple] = None
     CUDA_MAX_CAPABILITY: Optional[tuple] = None
     NATIVE_LAYOUT: str = "bnsd"
@@ -142,10 +178,14 @@ class Backend:
         if self._availability is None:
             with self._probe_lock:
                 if self._availability is None:
+                    reasons = []
+                    if self.SUPPORTED_DEVICES == frozenset({"cuda"}) and not cuda_available():
+                        reasons.append("no CUDA device in this process (torch.cuda.is_available() is False); "
+                                       "this backend runs on CUDA only")
                     try:
-                        reasons = list(self.probe())
+                        reasons += [r for r in self.probe() if r not in reasons]
                     except Exception as exc:  # a probe must never take the process down
-                        reasons = [f"probe failed: {type(exc).__name__}: {exc}"]
+                        reasons.append(f"probe failed: {type(exc).__name__}: {exc}")
                     self._availability = reasons
         return self._availability
 
@@ -214,8 +254,36 @@ class Backend:
             reasons.append(f"dropout_p={call.dropout_p} (this backend has no dropout)")
         if call.needs_grad and not self.SUPPORTS_BACKWARD:
             reasons.append("gradients are needed but this backend is forward-only")
-        if call.seq_kv < self.MIN_SEQ_KV:
-            reasons.append(f"seq_kv={call.seq_kv} is below {self.MIN_SEQ_KV}, {self.MIN_SEQ_KV_WHY}")
+        for label, n, floor, need, why in (
+                ("seq_kv", call.seq_kv, call.seq_kv_floor, self.MIN_SEQ_KV, self.MIN_SEQ_KV_WHY),
+                ("seq_q", call.seq_q, call.seq_q_floor, self.MIN_SEQ_Q, self.MIN_SEQ_Q_WHY)):
+            if floor < need:
+                if call.symbolic_lengths:
+                    reasons.append(f"{label} is symbolic in this compiled call and may be below {need}, {why}")
+                elif n < need:
+                    reasons.append(f"{label}={n} is below {need}, {why}")
+                else:
+                    reasons.append(f"{label}={n} shares a length bucket with lengths from {floor}, below {need} "
+                                   f"({why}); decisions hold for a whole bucket")
+        if call.window is not None and not self.SUPPORTS_WINDOW:
+            reasons.append(f"sliding window {call.window} is not supported")
+        if call.softcap is not None and not self.SUPPORTS_SOFTCAP:
+            reasons.append(f"softcap={call.softcap} is not supported")
+        if call.sinks and not self.SUPPORTS_SINKS:
+            if not self.SUPPORTS_LSE:
+                reasons.append("attention sinks are not supported (no native sinks and no log-sum-exp to rescale by)")
+            elif call.needs_grad:
+                reasons.append("attention sinks with gradients need native sinks (the log-sum-exp rescaling is forward-only)")
+        if call.return_lse or (call.sinks and not self.SUPPORTS_SINKS):
+            if not self.SUPPORTS_LSE:
+                if call.return_lse:
+                    reasons.append("return_lse: this kernel does not return the log-sum-exp")
+            elif not self.LSE_WITH_MASKS and (call.mask_kind != "none" or call.banded):
+                reasons.append("the log-sum-exp of this kernel is not -inf for fully masked rows, so it is not "
+                               "used with a mask or window")
+        if not call.last_dim_contiguous and self.needs_unit_stride(call):
+            reasons.append("query/key/value have a strided last dimension (stride != 1); this kernel needs "
+                           "stride 1 there (call .contiguous() on the inputs)")
         if not reasons:
             reasons.extend(self.extra_reasons(call))
         return reasons
@@ -223,6 +291,17 @@ class Backend:
     def extra_reasons(self, call: Call) -> List[str]:
         """Backend-specific checks beyond the declared constants (only asked when those all pass)."""
         return []
+
+    def shares_runner_across_lengths(self, call: Call) -> bool:
+        """Whether the runner built for ``call`` also serves other sequence lengths of its bucket (the
+        router then reuses it, e.g. for each token while decoding). Default: not
+        ``RUNNER_FIXED_LENGTHS``."""
+        return not self.RUNNER_FIXED_LENGTHS
+
+    def needs_unit_stride(self, call: Call) -> bool:
+        """Whether this backend's kernel for ``call`` needs q/k/v with stride 1 in the last dim (the
+        router then checks each call's strides). Default: ``NEEDS_UNIT_LAST_DIM_STRIDE``."""
+        return self.NEEDS_UNIT_LAST_DIM_STRIDE
 
     def supports(self, call: Call) -> bool:
         return not self.not_supported_reasons(call)

@@ -2,30 +2,43 @@
 
 The hot path builds one tuple key from the tensors' shapes and dtypes and the active scopes, finds the
 plan in a dict and calls it: no validation, reasons, logging or environment reads on a hit. On a miss
-the call is validated in full (`build_call`), a backend is chosen (`decide`) and its runner is built
-and wrapped for the layout and the mask; the result is cached.
+it looks for a plan of the same *length bucket* (a decode step, whose key length grows by one each
+token, reuses the plan of its bucket without re-deciding); only when there is none is the call
+validated in full (`build_call`), a backend chosen (`decide`) and its runner built and wrapped for the
+layout, the mask and the features; the result is cached.
+
+Under torch.compile (and torch.export) the decision is made once per trace from what is static (dtype,
+device, head dims, heads, mask kind, layout, causal, grad, features, scopes); batch and sequence sizes
+enter it only through comparisons with the length limits that the eligible backends declare (dynamo
+turns those into guards), so a compiled model follows shape changes with the recompiles torch itself
+makes. See `_traced_forward`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import operator
 import threading
+import weakref
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 
 from . import autotune, controls, registry
-import dataclasses
-
-from .call import Call, build_call, call_from_meta, tensor_meta
+from .call import (AttentionInputError, Call, Features, NO_FEATURES, build_call, bucket_range, call_from_meta,
+                   check_flags, check_shapes, check_softcap, check_window, length_bucket, split_dims, tensor_meta)
 from .controls import AUTO, Scope, _CONTEXT
 
 logger = logging.getLogger("attnpatch")
 
-#: Most plans kept before the plan cache is emptied (many distinct shapes, e.g. LLM decoding).
+#: Most plans kept before the plan caches are emptied (many distinct shapes).
 MAX_PLANS = 4096
+#: Most decisions kept before the decision cache is emptied.
+MAX_DECISIONS = 4096
 
 
 class BackendUnsupportedError(RuntimeError):
@@ -51,24 +64,30 @@ class Decision:
 
 
 class Plan:
-    """A decision bound to one exact call shape: the runner to call and the counters."""
+    """A decision bound to one call shape (or one length bucket): the runner to call and the counter."""
 
-    __slots__ = ("backend", "decision", "run", "calls", "site")
+    __slots__ = ("backend", "decision", "run", "calls", "site", "shares")
 
-    def __init__(self, decision: Decision, run, site):
+    def __init__(self, decision: Decision, run, site, shares: bool = False):
         self.backend = decision.backend
         self.decision = decision
         self.run = run
         self.calls = 0
         self.site = site
+        self.shares = shares  # the runner serves every length of the plan's bucket
 
 
-_PLANS: Dict[tuple, Plan] = {}
+_PLANS: Dict[tuple, Plan] = {}  # exact call key -> plan
+_BUCKETS: Dict[tuple, Plan] = {}  # length-bucket key -> plan (runners that serve every length of the bucket)
 _DECISIONS: Dict[tuple, Decision] = {}
 _TRACED_DECISIONS: Dict[tuple, Decision] = {}  # decided while torch.compile traced
 _LOCK = threading.RLock()
-_RETIRED: Counter = Counter()  # (site, backend name, fallback) -> calls of plans no longer cached
+#: calls of plans no longer cached: site -> Counter[(backend name, fallback)] (site-less calls under None)
+_RETIRED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_RETIRED_NO_SITE: Counter = Counter()
 _WARNED: set = set()
+#: how often `decide` ran (tests count decisions per generated token)
+DECISIONS_MADE = [0]
 
 
 def _device_class_keys(call: Call) -> Tuple[str, ...]:
@@ -83,10 +102,6 @@ def _auto_priority(backend: registry.Backend, call: Call) -> Optional[int]:
         if key in backend.AUTO_PRIORITY:
             return backend.AUTO_PRIORITY[key]
     return None
-
-
-def _layer(scope: Optional[Scope]):
-    return scope.backends if scope is not None else None
 
 
 def _resolve(arg_names, ctx: Optional[Scope], site: Optional[Scope], env: controls.EnvSettings):
@@ -126,6 +141,10 @@ def _auto_candidates(call: Call) -> List[registry.Backend]:
     return [b for _, _, b in ranked]
 
 
+_LOSSY_REASON = ("lossy kernel: auto picks it only with allow_lossy=True (use_backend, apply) or "
+                 "ATTNPATCH_ALLOW_LOSSY=1")
+
+
 def _auto_choose(call: Call, env, allow_lossy: bool, reasons: Dict[str, List[str]], full: bool):
     """Auto's pick: (backend or None, how it was chosen). With more than one eligible backend and
     autotune on, `autotune.choose` picks by measured speed; otherwise the static table's first."""
@@ -134,7 +153,7 @@ def _auto_choose(call: Call, env, allow_lossy: bool, reasons: Dict[str, List[str
     for b in _auto_candidates(call):
         r = _reasons_for(b, call, env)
         if not r and b.LOSSY and not allow_lossy:
-            r = ["lossy kernel: auto picks it only with allow_lossy=True (use_backend, apply) or ATTNPATCH_ALLOW_LOSSY=1"]
+            r = [_LOSSY_REASON]
         reasons[b.NAME] = r
         if not r:
             eligible.append(b)
@@ -158,6 +177,7 @@ def _format_error(headline: str, call: Call, reasons: Dict[str, List[str]], hint
 def decide(call: Call, arg_names, ctx: Optional[Scope], site: Optional[Scope], full: bool = False) -> Decision:
     """Choose the backend for ``call`` under the given scopes. ``full`` computes every backend's
     reasons (for explain()); otherwise it stops at the first eligible one."""
+    DECISIONS_MADE[0] += 1
     env = controls.env_settings()
     names, source, strict, allow_lossy = _resolve(arg_names, ctx, site, env)
     reasons: Dict[str, List[str]] = {}
@@ -223,48 +243,94 @@ def _warn_fallback(decision: Decision) -> None:
                 name, decision.source, why, decision.backend.NAME)
 
 
-def _wrap(runner, call: Call, mask_spec: Optional[str], native_layout: str):
-    """Wrap a backend runner for the caller's layout and mask form. The common case (bnsd, no mask
-    reshaping) returns the runner itself."""
-    transpose = call.layout != native_layout
-    mask_dims = None if call.mask_shape is None else call.mask_shape
+# -- building the runner of a plan --------------------------------------------------------------------
+
+def _view4(m):
+    """A mask of fewer than 4 dims viewed as 4-D (size-1 dims in front)."""
+    return m if m.dim() == 4 else m.reshape((1,) * (4 - m.dim()) + tuple(m.shape))
+
+
+def _wrap(runner, call: Call, mask_spec: Optional[str], backend: registry.Backend):
+    """Wrap a backend runner for the caller's layout, mask form and features. The common case (bnsd,
+    no mask reshaping, no features) returns the runner itself. The result serves every call of the
+    plan's shape (and of its length bucket when the backend shares runners across lengths)."""
+    transpose = call.layout != backend.NATIVE_LAYOUT
     dtype = call.dtype
     cast_mask = call.mask_kind == "additive"
-
-    def fix_mask(m):
-        if m is None:
-            return None
-        if mask_spec == "key_padding":
-            m = m[:, None, None, :]
-        elif m.dim() < 4:
-            m = m.reshape(mask_dims)
-        if cast_mask and m.dtype != dtype:
-            m = m.to(dtype)
-        return m
-
-    needs_mask_fix = mask_spec is not None
-    if not transpose and not needs_mask_fix:
+    key_padding = mask_spec == "key_padding"
+    fix_mask = mask_spec is not None
+    native_sinks = call.sinks and backend.SUPPORTS_SINKS
+    rescale_sinks = call.sinks and not backend.SUPPORTS_SINKS  # the runner returns (out, lse)
+    user_lse = call.return_lse
+    plain = not (transpose or fix_mask or call.sinks or user_lse)
+    if plain:
         return runner
-    if not transpose:
-        def run(q, k, v, m, c, s, p):
-            return runner(q, k, v, fix_mask(m), c, s, p)
-        return run
-    if not needs_mask_fix:
-        def run(q, k, v, m, c, s, p):
-            return runner(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), m, c, s, p).transpose(1, 2)
-        return run
 
-    def run(q, k, v, m, c, s, p):
-        return runner(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), fix_mask(m), c, s, p).transpose(1, 2)
+    def run(q, k, v, m, c, s, p, sinks=None):
+        if fix_mask:
+            m = m[:, None, None, :] if key_padding else _view4(m)
+            if cast_mask and m.dtype != dtype:
+                m = m.to(dtype)
+        if transpose:
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if native_sinks:
+            res = runner(q, k, v, m, c, s, p, sinks)
+        else:
+            res = runner(q, k, v, m, c, s, p)
+        if rescale_sinks or user_lse:
+            out, lse = res
+        else:
+            out, lse = res, None
+        if transpose:
+            out = out.transpose(1, 2)
+        if rescale_sinks:
+            # softmax over keys and sinks = softmax over keys * sigmoid(lse - sink)
+            w = torch.sigmoid(lse - sinks.to(lse.dtype).view(1, -1, 1))
+            w = w[..., None] if call.layout == "bnsd" else w.transpose(1, 2)[..., None]
+            out = (out * w).to(out.dtype)
+        return (out, lse) if user_lse else out
     return run
+
+
+def _stride_guarded(inner, on_strided):
+    """Run ``inner`` when q/k/v have stride 1 in their last dim, else ``on_strided()``'s plan."""
+    def run(q, k, v, *rest):
+        if q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1:
+            return inner(q, k, v, *rest)
+        return on_strided()(q, k, v, *rest)
+    return run
+
+
+def _build_call_for(backend: registry.Backend, call: Call) -> Call:
+    """The Call the backend builds its runner from: asks for the log-sum-exp when the router needs it
+    to add attention sinks."""
+    if call.sinks and not backend.SUPPORTS_SINKS and not call.return_lse:
+        return dataclasses.replace(call, return_lse=True)
+    return call
+
+
+# -- caches -------------------------------------------------------------------------------------------------
+
+def _retire(plan: Plan) -> None:
+    if not plan.calls:
+        return
+    key = (plan.backend.NAME, plan.decision.fallback)
+    if plan.site is None:
+        _RETIRED_NO_SITE[key] += plan.calls
+    else:
+        _RETIRED.setdefault(plan.site, Counter())[key] += plan.calls
+    plan.calls = 0
 
 
 def _clear_plans() -> None:
     with _LOCK:
-        for plan in _PLANS.values():
-            if plan.calls:
-                _RETIRED[(plan.site, plan.backend.NAME, plan.decision.fallback)] += plan.calls
+        seen = set()
+        for plan in list(_PLANS.values()) + list(_BUCKETS.values()):
+            if id(plan) not in seen:
+                seen.add(id(plan))
+                _retire(plan)
         _PLANS.clear()
+        _BUCKETS.clear()
 
 
 def clear_cache() -> None:
@@ -273,6 +339,26 @@ def clear_cache() -> None:
         _clear_plans()
         _DECISIONS.clear()
         _TRACED_DECISIONS.clear()
+
+
+def forget_scopes(scopes) -> None:
+    """Drop every cached plan and decision made under one of ``scopes`` (a patch is being removed):
+    afterwards the router holds no reference to them, their sites or their modules. Counts move to the
+    sites (a removed patch's report still shows them)."""
+    ids = {id(s) for s in scopes if s is not None}
+    if not ids:
+        return
+
+    def mentions(key) -> bool:
+        return any(id(x) in ids for x in key if isinstance(x, Scope))
+
+    with _LOCK:
+        for cache in (_PLANS, _BUCKETS):
+            for key in [k for k in cache if mentions(k)]:
+                _retire(cache.pop(key))
+        for cache in (_DECISIONS, _TRACED_DECISIONS):
+            for key in [k for k in cache if mentions(k)]:
+                del cache[key]
 
 
 registry.on_registry_change(clear_cache)
@@ -285,59 +371,176 @@ def _arg_names(backend):
     return controls.normalise_backends(backend, "backend= argument")
 
 
-def _miss(cache_key, query, key, value, layout, attn_mask, is_causal, scale, dropout_p, grad, backend) -> Plan:
-    compiling = torch.compiler.is_compiling()
-    call, mask_spec = build_call(query, key, value, layout, attn_mask, is_causal, scale, dropout_p, grad,
-                                 compiling)
-    arg_names = _arg_names(backend)
-    ctx, site = cache_key[-2], cache_key[-1]
+def _decision_for(call: Call, arg_names, ctx, site) -> Decision:
     dkey = (call.signature(), call.heads_q, call.heads_kv, arg_names, ctx, site, controls.env_settings())
     decision = _DECISIONS.get(dkey)
     if decision is None:
         decision = decide(call, arg_names, ctx, site)
-        _DECISIONS[dkey] = decision
-    _warn_fallback(decision)
-    runner = decision.backend.build(call)
-    plan = Plan(decision, _wrap(runner, call, mask_spec, decision.backend.NATIVE_LAYOUT),
-                site.site if site is not None else None)
+        with _LOCK:
+            if len(_DECISIONS) >= MAX_DECISIONS:
+                _DECISIONS.clear()
+            _DECISIONS[dkey] = decision
+    return decision
+
+
+def _bucket_key(cache_key: tuple) -> Optional[tuple]:
+    """The key of ``cache_key``'s length bucket: the exact key with the sequence lengths replaced by
+    their buckets (and whether they are equal); None for calls that keep exact plans (2-D masks, whose
+    reading depends on the sizes, and inputs that are not 4-D)."""
+    qs, ks, vs, mask, layout = cache_key[0], cache_key[1], cache_key[2], cache_key[7], cache_key[8]
+    if len(qs) != 4 or len(ks) != 4 or len(vs) != 4:
+        return None
+    si = 2 if layout == "bnsd" else 1
+    sq, skv = qs[si], ks[si]
+    if not sq or not skv:
+        return None
+    mkey = None
+    if mask is not None:
+        mshape = mask[0]
+        n = len(mshape)
+        if n < 3:
+            return None
+        # each mask dim is 1 or the call's size; the last two follow the lengths
+        mkey = (tuple(mshape[:-2]), mshape[-2] == 1, mshape[-1] == 1, mshape[-2] in (1, sq),
+                mshape[-1] in (1, skv), mask[1])
+        if not (mkey[3] and mkey[4]):
+            return None
+    lengths = (length_bucket(sq), length_bucket(skv), (sq > skv) - (sq < skv))
+    rest = tuple(d for i, d in enumerate(qs) if i != si), tuple(d for i, d in enumerate(ks) if i != si), \
+        tuple(d for i, d in enumerate(vs) if i != si)
+    return (rest, lengths, mkey) + cache_key[3:7] + cache_key[8:]
+
+
+def _miss(cache_key, query, key, value, layout, attn_mask, is_causal, scale, dropout_p, grad, backend,
+          features, sinks) -> Plan:
+    bkey = _bucket_key(cache_key)
+    if bkey is not None:
+        plan = _BUCKETS.get(bkey)
+        if plan is not None:
+            return plan
+    ctx, site = cache_key[-3], cache_key[-2]
+    if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
+        plan = _reshaping_plan(query, key, value, layout, attn_mask, backend, ctx, site, features)
+    elif query.numel() == 0 or key.numel() == 0 or value.numel() == 0:
+        plan = _empty_plan(query, key, value, layout, attn_mask, is_causal, scale, dropout_p, site)
+    else:
+        plan = _new_plan(query, key, value, layout, attn_mask, is_causal, scale, dropout_p, grad, backend,
+                         features, ctx, site, cache_key)
     with _LOCK:
-        if len(_PLANS) >= MAX_PLANS:
+        if len(_PLANS) >= MAX_PLANS or len(_BUCKETS) >= MAX_PLANS:
             _clear_plans()
         _PLANS[cache_key] = plan
-    if logger.isEnabledFor(logging.DEBUG):
-        logger.debug("attnpatch: %s -> %s (%s)", call.describe(), decision.backend.NAME, decision.source)
+        if bkey is not None and plan.shares:
+            _BUCKETS[bkey] = plan
     return plan
 
 
-def attention_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, layout: str = "bnsd",
-                      attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
-                      scale: Optional[float] = None, dropout_p: float = 0.0,
-                      backend: Union[str, Sequence[str], None] = None) -> torch.Tensor:
-    """Scaled dot-product attention on the best eligible kernel; the output has the input's layout.
+def _new_plan(query, key, value, layout, attn_mask, is_causal, scale, dropout_p, grad, backend, features,
+              ctx, site, cache_key) -> Plan:
+    call, mask_spec = build_call(query, key, value, layout, attn_mask, is_causal, scale, dropout_p, grad,
+                                 False, features)
+    arg_names = _arg_names(backend)
+    decision = _decision_for(call, arg_names, ctx, site)
+    _warn_fallback(decision)
+    b = decision.backend
+    runner = _wrap(b.build(_build_call_for(b, call)), call, mask_spec, b)
+    shares = b.shares_runner_across_lengths(call) and not (attn_mask is not None and attn_mask.dim() < 3)
+    plan = Plan(decision, runner, site.site if site is not None else None, shares)
+    if b.needs_unit_stride(call) and call.last_dim_contiguous:
+        strided: List[Plan] = []
 
-    Args:
-        query: (b, h_q, s_q, d) for ``layout="bnsd"`` or (b, s_q, h_q, d) for ``"bsnd"``.
-        key, value: (b, h_kv, s_kv, d) and (b, h_kv, s_kv, d_v) in the same layout; h_kv must divide
-            h_q (GQA/MQA). d_v may differ from d where the backend allows it.
-        attn_mask: None; a bool mask (True = attend); or a float mask added to the scores. It must
-            broadcast to (b, h_q, s_q, s_kv); a 2-D (b, s_kv) mask is a key-padding mask.
-        is_causal: SDPA's convention: top-left aligned, query i attends keys j <= i.
-        scale: multiplies q·k; None means 1/sqrt(d).
-        dropout_p: dropout on the attention weights, applied whenever > 0 (pass 0.0 in eval).
-        backend: None (the controls decide), "auto", a name, or a priority list of names.
+        def on_strided():
+            # the same call with a strided last dim is decided on its own (a fallback, or the strict error)
+            if not strided:
+                scall = dataclasses.replace(call, last_dim_contiguous=False)
+                sdec = _decision_for(scall, arg_names, ctx, site)
+                _warn_fallback(sdec)
+                sb = sdec.backend
+                strided.append(Plan(sdec, _wrap(sb.build(_build_call_for(sb, scall)), scall, mask_spec, sb), plan.site))
+                with _LOCK:
+                    _PLANS[cache_key + ("strided",)] = strided[0]
+            plan.calls -= 1
+            strided[0].calls += 1
+            return strided[0].run
+        plan.run = _stride_guarded(runner, on_strided)
+    if logger.isEnabledFor(logging.DEBUG):
+        logger.debug("attnpatch: %s -> %s (%s)", call.describe(), b.NAME, decision.source)
+    return plan
 
-    A query row whose keys are all masked gives zeros (SDPA's result since torch 2.5), not NaN.
-    The output is (b, h_q, s_q, d_v) for "bnsd" and (b, s_q, h_q, d_v) for "bsnd".
-    """
-    return route(None, query, key, value, layout, attn_mask, is_causal, scale, dropout_p, backend)
+
+def _torch_sdpa_bnsd(q, k, v, m, c, s, p, layout):
+    """torch's own F.scaled_dot_product_attention on attnpatch's conventions (empty inputs)."""
+    if layout == "bsnd":
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if m is not None and m.dim() == 2 and tuple(m.shape) == (q.shape[0], k.shape[2]) and m.shape[0] != q.shape[2]:
+        m = m[:, None, None, :]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=m, dropout_p=p, is_causal=c, scale=s,
+                                         enable_gqa=q.shape[1] != k.shape[1])
+    return out.transpose(1, 2) if layout == "bsnd" else out
+
+
+def _empty_plan(query, key, value, layout, attn_mask, is_causal, scale, dropout_p, site) -> Plan:
+    """Empty in, empty out: a call with a zero-size dimension gets torch's own result (zeros where
+    there are no keys), after the same validation as any call."""
+    check_flags(layout, is_causal, scale, dropout_p)
+    meta = tensor_meta(query, key, value, attn_mask)
+    check_shapes(meta, layout)
+    sdpa = registry.get_backend("sdpa")
+
+    def run(q, k, v, m, c, s, p, *rest):
+        return _torch_sdpa_bnsd(q, k, v, m, c, s, p, layout)
+    return Plan(Decision(sdpa, "empty input (torch's own result)"), run, site.site if site is not None else None)
+
+
+def _reshaping_plan(query, key, value, layout, attn_mask, backend, ctx, site, features) -> Plan:
+    """Inputs of rank 3 or more than 4, as torch's SDPA takes them: (…, heads, seq, dim) for bnsd,
+    (…, seq, heads, dim) for bsnd; the leading dims are folded into one batch dim (a 3-D input has
+    batch 1) and the call goes through the router as 4-D."""
+    ranks = {query.dim(), key.dim(), value.dim()}
+    if len(ranks) != 1 or min(ranks) < 3:
+        dims = "(…, heads, seq, head_dim)" if layout == "bnsd" else "(…, seq, heads, head_dim)"
+        raise AttentionInputError(
+            f"attnpatch.attention_forward: query, key and value must have the same rank, 3 or more "
+            f"{dims} for layout={layout!r}; got shapes {tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}")
+    rank = query.dim()
+    lead = tuple(query.shape[:-3])
+    if tuple(key.shape[:-3]) != lead or tuple(value.shape[:-3]) != lead:
+        raise AttentionInputError(
+            f"attnpatch.attention_forward: the leading dims of query, key and value must match, got shapes "
+            f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}")
+    scope_site = site
+
+    def to4(t):
+        return t.reshape((-1,) + tuple(t.shape[-3:])) if rank > 3 else t[None]
+
+    def run(q, k, v, m, c, s, p, sinks=None):
+        if m is not None:
+            if m.dim() == 2:  # torch's reading: (s_q, s_kv)
+                m = m[None, None]
+            elif rank > 4 and m.dim() > 3:  # leading dims: broadcast, then fold like the inputs
+                m = m.reshape((1,) * (rank - m.dim()) + tuple(m.shape))
+                m = m.expand(lead + tuple(m.shape[-3:])).reshape((-1,) + tuple(m.shape[-3:]))
+        res = route(scope_site, to4(q), to4(k), to4(v), layout, m, c, s, p, backend, features, sinks)
+        out, lse = res if isinstance(res, tuple) else (res, None)
+        out = out.reshape(lead + tuple(out.shape[1:])) if rank > 3 else out[0]
+        if lse is None:
+            return out
+        return out, (lse.reshape(lead + tuple(lse.shape[1:])) if rank > 3 else lse[0])
+
+    sdpa = registry.get_backend("sdpa")
+    plan = Plan(Decision(sdpa, f"{rank}-D inputs, routed as 4-D"), run, None)
+    return plan
 
 
 def route(site: Optional[Scope], query, key, value, layout="bnsd", attn_mask=None, is_causal=False,
-          scale=None, dropout_p=0.0, backend=None):
+          scale=None, dropout_p=0.0, backend=None, features: Optional[Features] = None, sinks=None):
     """`attention_forward` for adapters: ``site`` is the patched site's `Scope` (its backend setting,
-    recipe rule and report), passed explicitly so that compiled graphs need no context variable."""
+    recipe rule and report), passed explicitly so that compiled graphs need no context variable.
+    ``features`` (a `Features`, or None for none) carries window / softcap / sinks / return_lse;
+    ``sinks`` is the sinks tensor when ``features.sinks``."""
     if torch.compiler.is_compiling():
-        return _traced_forward(site, query, key, value, layout, attn_mask, is_causal, scale, dropout_p, backend)
+        return _traced_forward(site, query, key, value, layout, attn_mask, is_causal, scale, dropout_p, backend,
+                               features, sinks)
     try:
         grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
         cache_key = (
@@ -345,7 +548,7 @@ def route(site: Optional[Scope], query, key, value, layout="bnsd", attn_mask=Non
             None if attn_mask is None else (attn_mask.shape, attn_mask.dtype),
             layout, is_causal, dropout_p, grad,
             backend if backend is None or backend.__class__ is str else tuple(backend),
-            _CONTEXT.get(), site,
+            _CONTEXT.get(), site, features,
         )
         plan = _PLANS.get(cache_key)
     except (AttributeError, TypeError):  # a non-tensor, a bad backend= or an unhashable argument
@@ -353,71 +556,294 @@ def route(site: Optional[Scope], query, key, value, layout="bnsd", attn_mask=Non
         _arg_names(backend)
         raise
     if plan is None:
-        plan = _miss(cache_key, query, key, value, layout, attn_mask, is_causal, scale, dropout_p, grad, backend)
+        plan = _miss(cache_key, query, key, value, layout, attn_mask, is_causal, scale, dropout_p, grad, backend,
+                     features or NO_FEATURES, sinks)
     plan.calls += 1
-    return plan.run(query, key, value, attn_mask, is_causal, scale, dropout_p)
+    if sinks is None:
+        return plan.run(query, key, value, attn_mask, is_causal, scale, dropout_p)
+    return plan.run(query, key, value, attn_mask, is_causal, scale, dropout_p, sinks)
+
+
+def make_features(window=None, softcap=None, sinks=None, return_lse: bool = False) -> Optional[Features]:
+    """Validate the optional features of a call; None when none is used (the common case)."""
+    if window is None and softcap is None and sinks is None and not return_lse:
+        return None
+    if sinks is not None and not isinstance(sinks, torch.Tensor):
+        raise TypeError(f"attnpatch.attention_forward: sinks must be a tensor of one logit per query head, "
+                        f"got {type(sinks).__name__}")
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"attnpatch.attention_forward: return_lse must be a bool, got {type(return_lse).__name__}")
+    return Features(window=check_window(window), softcap=check_softcap(softcap), sinks=sinks is not None,
+                    return_lse=return_lse)
+
+
+def causal_bias_args(attn_mask, is_causal, window):
+    """torch's ``CausalBias`` masks (``causal_upper_left`` / ``causal_lower_right``) as attnpatch
+    arguments: (mask, is_causal, window). Upper-left is SDPA's causal; lower-right (the last query sees
+    every key: decoding with a cache) is a window whose right edge is ``seq_kv - seq_q``."""
+    from torch.nn.attention.bias import CausalBias, CausalVariant
+
+    if not isinstance(attn_mask, CausalBias):
+        return attn_mask, is_causal, window
+    if is_causal:
+        raise AttentionInputError("attnpatch.attention_forward: is_causal=True together with a CausalBias mask; "
+                                  "the CausalBias already says causal (pass one or the other)")
+    sq, skv = attn_mask.seq_len_q, attn_mask.seq_len_kv
+    if attn_mask.variant == CausalVariant.UPPER_LEFT or sq == skv:
+        return None, True, window
+    if skv > sq and window is None:
+        return None, False, (None, skv - sq)
+    return attn_mask._materialize(attn_mask.device), False, window
+
+
+def attention_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, layout: str = "bnsd",
+                      attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
+                      scale: Optional[float] = None, dropout_p: float = 0.0,
+                      backend: Union[str, Sequence[str], None] = None,
+                      window: Optional[Tuple[Optional[int], Optional[int]]] = None, softcap: Optional[float] = None,
+                      sinks: Optional[torch.Tensor] = None, return_lse: bool = False):
+    """Scaled dot-product attention on the best eligible kernel; the output has the input's layout.
+
+    Args:
+        query: (b, h_q, s_q, d) for ``layout="bnsd"`` or (b, s_q, h_q, d) for ``"bsnd"``. Rank 3 (no
+            batch) and higher ranks (extra leading batch dims) are accepted as in torch's SDPA.
+        key, value: (b, h_kv, s_kv, d) and (b, h_kv, s_kv, d_v) in the same layout; h_kv must divide
+            h_q (GQA/MQA). d_v may differ from d where the backend allows it.
+        attn_mask: None; a bool mask (True = attend); a float mask added to the scores; or torch's
+            ``CausalBias`` (``causal_upper_left`` / ``causal_lower_right``). It must broadcast to
+            (b, h_q, s_q, s_kv); a 2-D (b, s_kv) mask is a key-padding mask.
+        is_causal: SDPA's convention: top-left aligned, query i attends keys j <= i. May be combined with
+            a mask (an attnpatch extension: torch's SDPA refuses that).
+        scale: multiplies q·k; None means 1/sqrt(d).
+        dropout_p: dropout on the attention weights, applied whenever > 0 (pass 0.0 in eval).
+        backend: None (the controls decide), "auto", a name, or a priority list of names.
+        window: ``(left, right)``: query i attends keys ``i - left <= j <= i + right`` (None =
+            unbounded), top-left aligned like ``is_causal`` (sliding-window attention).
+        softcap: scores (after scale) become ``tanh(s / softcap) * softcap`` (Gemma 2).
+        sinks: (h_q,) logits that join each row's softmax denominator (GPT-OSS attention sinks).
+        return_lse: also return the log-sum-exp, float32 (b, h_q, s_q) (the sinks excluded).
+
+    A query row whose keys are all masked gives zeros (SDPA's result since torch 2.5), not NaN.
+    The output is (b, h_q, s_q, d_v) for "bnsd" and (b, s_q, h_q, d_v) for "bsnd"; with
+    ``return_lse`` the result is ``(out, lse)``. An empty input gives an empty (or zero) output.
+    """
+    if attn_mask is not None and type(attn_mask) is not torch.Tensor:
+        attn_mask, is_causal, window = causal_bias_args(attn_mask, is_causal, window)
+    features = make_features(window, softcap, sinks, return_lse)
+    return route(None, query, key, value, layout, attn_mask, is_causal, scale, dropout_p, backend, features, sinks)
 
 
 # -- under torch.compile ---------------------------------------------------------------------------
 
 _CALL_FIELDS = tuple(f.name for f in dataclasses.fields(Call))
 
-#: (site, backend name) pairs decided while tracing under torch.compile (compiled calls are not counted).
-COMPILED_DECISIONS: set = set()
+#: backends decided while tracing under torch.compile, per site (compiled calls are not counted):
+#: site -> {backend name: how it was decided}; site-less calls under None in COMPILED_NO_SITE.
+COMPILED_DECISIONS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+COMPILED_NO_SITE: Dict[str, str] = {}
 
 
-def _compile_decision(meta, layout, is_causal, scale, dropout_p, grad, backend, ctx, site):
+def compiled_decisions_of(site) -> Dict[str, str]:
+    """{backend name: how it was decided} for the calls of ``site`` traced under torch.compile (None:
+    calls made with no site)."""
+    return dict(COMPILED_DECISIONS.get(site, {})) if site is not None else dict(COMPILED_NO_SITE)
+
+
+def clear_compiled_decisions() -> None:
+    COMPILED_DECISIONS.clear()
+    COMPILED_NO_SITE.clear()
+
+
+def _static_call(static: tuple, lengths: tuple) -> Tuple[Call, Optional[str]]:
+    """The Call of a traced call: the static facts and representative lengths (see `_representatives`)."""
+    (layout, dtype, device, heads_q, heads_kv, head_dim, head_dim_v, batch_is_1, mask, is_causal, dropout,
+     grad, contiguous, features) = static
+    sq, skv = lengths
+    b = 1 if batch_is_1 else 2
+    if layout == "bnsd":
+        shapes = ((b, heads_q, sq, head_dim), (b, heads_kv, skv, head_dim), (b, heads_kv, skv, head_dim_v))
+    else:
+        shapes = ((b, sq, heads_q, head_dim), (b, skv, heads_kv, head_dim), (b, skv, heads_kv, head_dim_v))
+    mmeta = None
+    if mask is not None:
+        pattern, mdtype = mask  # per 4-D dim: True = size 1, else the call's size
+        full = (b, heads_q, sq, skv)
+        mmeta = (tuple(1 if one else n for one, n in zip(pattern, full)), mdtype, device)
+    meta = shapes + ((dtype, dtype, dtype), (device, device, device), mmeta, contiguous)
+    call, spec = call_from_meta(meta, layout, is_causal, None, dropout, grad, compiling=True,
+                                features=Features(*features))
+    return dataclasses.replace(call, symbolic_lengths=True), spec
+
+
+def _length_limits_of(backends, static) -> Tuple[Tuple[int, ...], bool]:
+    """The length limits (MIN_SEQ_Q/MIN_SEQ_KV > 1) of ``backends``, and whether one of them needs the
+    relation between seq_q and seq_kv."""
+    limits = set()
+    relation = False
+    for b in backends:
+        for n in (b.MIN_SEQ_Q, b.MIN_SEQ_KV):
+            if n > 1:
+                limits.add(n)
+        relation = relation or b.NEEDS_LENGTH_RELATION or not b.SUPPORTS_CROSS
+    return tuple(sorted(limits)), relation
+
+
+def _compile_limits(static, backend, ctx, site):
+    """Run at trace time: the length limits the decision for this static call depends on. Only
+    backends that could serve the call (available, right device and dtype, lossy only with the opt-in)
+    are asked, so a CPU model never guards on lengths."""
+    ctx = controls.scope_by_token(ctx) if not (isinstance(ctx, str) and ctx == _READ_CONTEXT_AT_TRACE) else _CONTEXT.get()
+    site = controls.scope_by_token(site)
+    env = controls.env_settings()
+    names, _source, _strict, allow_lossy = _resolve(_arg_names(backend), ctx, site, env)
+    probe, _ = _static_call(static, (1, 1))
+    named = set(names) if names != AUTO else set()
+    relevant = []
+    for b in registry.all_backends():
+        if b.availability() or probe.device_type not in b.SUPPORTED_DEVICES or probe.dtype not in b.SUPPORTED_DTYPES:
+            continue
+        if b.NAME not in named and (_auto_priority(b, probe) is None or (b.LOSSY and not allow_lossy)):
+            continue
+        relevant.append(b)
+    return _length_limits_of(relevant, static)
+
+
+def _compile_decision(static, lengths, backend, ctx, site):
     """Run eagerly while torch.compile traces (see `_traced_forward`): validate, decide, and return
-    only constants (backend name, the Call's fields, the mask form)."""
+    only constants (backend name, the Call's fields, the mask form, how it was decided)."""
     ctx = _CONTEXT.get() if isinstance(ctx, str) and ctx == _READ_CONTEXT_AT_TRACE else controls.scope_by_token(ctx)
     site = controls.scope_by_token(site)
-    call, spec = call_from_meta(meta, layout, is_causal, scale, dropout_p, grad, compiling=True)
+    call, _spec = _static_call(static, lengths)
     arg_names = _arg_names(backend)
     dkey = (call.signature(), call.heads_q, call.heads_kv, arg_names, ctx, site, controls.env_settings())
-    decision = _DECISIONS.get(dkey) or _TRACED_DECISIONS.get(dkey)
+    decision = _TRACED_DECISIONS.get(dkey)
     if decision is None:
-        # Kept apart from _DECISIONS: a choice made while tracing is static (autotune never times
-        # under compile), and eager calls of the same signature should still get measured.
         decision = decide(call, arg_names, ctx, site)
         _TRACED_DECISIONS[dkey] = decision
     _warn_fallback(decision)
-    COMPILED_DECISIONS.add((site.site if site is not None else None, decision.backend.NAME))
-    return decision.backend.NAME, tuple(getattr(call, f) for f in _CALL_FIELDS), spec
+    how = decision.source
+    owner = site.site if site is not None else None
+    if owner is None:
+        COMPILED_NO_SITE[decision.backend.NAME] = how
+    else:
+        COMPILED_DECISIONS.setdefault(owner, {})[decision.backend.NAME] = how
+    return decision.backend.NAME, tuple(getattr(call, f) for f in _CALL_FIELDS)
 
 
-try:  # torch >= 2.1: dynamo runs the function at trace time and keeps its result as a constant
-    _compile_decision = torch._dynamo.assume_constant_result(_compile_decision)
-except AttributeError:  # pragma: no cover
-    pass
+for _fn in ("_compile_limits", "_compile_decision"):
+    try:  # torch >= 2.1: dynamo runs the function at trace time and keeps its result as a constant
+        globals()[_fn] = torch._dynamo.assume_constant_result(globals()[_fn])
+    except AttributeError:  # pragma: no cover
+        pass
 
 
 #: torch >= 2.14's dynamo traces ContextVar.get and guards on its value (a use_backend() block
 #: around a compiled call then recompiles for its setting); older dynamo cannot trace it at all, so
-#: `_compile_decision` reads the use_backend() state itself, eagerly, at trace time: the setting at the
-#: first trace is compiled in (call torch._dynamo.reset() after changing it).
+#: the trace-time functions read the use_backend() state themselves, eagerly, at trace time: the
+#: setting at the first trace is compiled in (call torch._dynamo.reset() after changing it).
 _DYNAMO_GUARDS_CONTEXTVARS = registry.version_at_least(torch.__version__, "2.14")
 _READ_CONTEXT_AT_TRACE = "attnpatch: read use_backend() state at trace time"
 
 
-def _traced_forward(site, query, key, value, layout, attn_mask, is_causal, scale, dropout_p, backend):
-    """The path torch.compile traces: the decision is made once at trace time (guarded by dynamo on
-    the scopes and shapes), and the chosen backend's runner is traced into the graph."""
+def _representatives(sq, skv, limits, relation, exporting):
+    """Representative (seq_q, seq_kv) for a traced call: on the same side of every limit as the real
+    lengths (a comparison dynamo turns into a guard), 1 where a length is 1, and in the same order
+    when a backend needs the relation. Under torch.export no length is compared (an exported program
+    must hold for every length in its range): lengths then count as 1, so length-limited backends refuse."""
+    def rep(n):
+        if n == 1:
+            return 1
+        if exporting:
+            return 2
+        out = 2
+        for t in limits:
+            if n >= t:
+                out = t
+        return out
+
+    rq, rkv = rep(sq), rep(skv)
+    if relation and not exporting:
+        if sq == skv:
+            rkv = rq
+        elif sq < skv and rq >= rkv:
+            rkv = rq + 1
+        elif sq > skv and rq <= rkv:
+            rq = rkv + 1
+    elif relation and exporting and rq == rkv:
+        rkv = rq + 1  # unknown order: counts as cross-attention
+    return rq, rkv
+
+
+def _is_one(n) -> bool:
+    return True if n == 1 else False
+
+
+def _mask_pattern(m, b, h, sq, skv, layout):
+    """Per 4-D dim of a traced mask: True where it has size 1 (a broadcast dim); and its form."""
+    n = m.dim()
+    if n == 2:
+        # attnpatch's (b, s_kv) key padding, or SDPA's (s_q, s_kv): which size matches decides
+        padding = True if (m.shape[0] == b and not (m.shape[0] == sq and not _is_one(b))) else False
+        if padding:
+            return (_is_one(m.shape[0]), True, True, _is_one(m.shape[1])), "key_padding"
+        return (True, True, _is_one(m.shape[0]), _is_one(m.shape[1])), "as_is"
+    if n > 4 or n == 0:
+        raise AttentionInputError(f"attnpatch.attention_forward: attn_mask must have 1 to 4 dims, got {n}")
+    shape = (1,) * (4 - n) + tuple(m.shape)
+    return tuple(_is_one(d) for d in shape), "as_is"
+
+
+def _traced_forward(site, query, key, value, layout, attn_mask, is_causal, scale, dropout_p, backend,
+                    features, sinks):
+    """The path torch.compile and torch.export trace: the decision is made once per trace from static
+    facts (guarded by dynamo on the scopes and on the length limits that matter), and the chosen
+    backend's runner is traced into the graph."""
+    if query.dim() != 4:
+        lead_rank = query.dim() - 3
+        if lead_rank < 0 or key.dim() != query.dim() or value.dim() != query.dim():
+            raise AttentionInputError("attnpatch.attention_forward: query, key and value must have the same rank, 3 or more")
+
+        def to4(t):
+            return t.reshape((-1,) + tuple(t.shape[-3:])) if lead_rank else t[None]
+        out = _traced_forward(site, to4(query), to4(key), to4(value), layout, attn_mask, is_causal, scale,
+                              dropout_p, backend, features, sinks)
+        res, lse = out if isinstance(out, tuple) else (out, None)
+        res = res.reshape(tuple(query.shape[:-3]) + tuple(res.shape[1:])) if lead_rank else res[0]
+        return res if lse is None else (res, lse.reshape(tuple(query.shape[:-3]) + tuple(lse.shape[1:])) if lead_rank else lse[0])
+    features = features or NO_FEATURES
     grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
-    meta = tensor_meta(query, key, value, attn_mask)
+    b, hq, sq, d = split_dims(layout, query.shape)
+    _, hk, skv, _ = split_dims(layout, key.shape)
+    dv = split_dims(layout, value.shape)[3]
+    mask = None
+    spec = None
+    if attn_mask is not None:
+        pattern, spec = _mask_pattern(attn_mask, b, hq, sq, skv, layout)
+        mask = (pattern, attn_mask.dtype)
+    # control flow turns a (possibly symbolic) comparison into a plain bool (a guard if needed)
+    contiguous = True if (query.stride(-1) == 1 and key.stride(-1) == 1 and value.stride(-1) == 1) else False
+    batch_is_1 = True if b == 1 else False
+    # head dims and head counts are static facts (operator.index specialises a size dynamo holds as
+    # symbolic); batch and sequence sizes are never specialised
+    static = (layout, query.dtype, query.device, operator.index(hq), operator.index(hk), operator.index(d),
+              operator.index(dv), batch_is_1, mask, is_causal, float(dropout_p), grad, contiguous,
+              (features.window, features.softcap, features.sinks, features.return_lse))
     if _DYNAMO_GUARDS_CONTEXTVARS:
         ctx = _CONTEXT.get()
         ctx = None if ctx is None else ctx.token
     else:
         ctx = _READ_CONTEXT_AT_TRACE
-    # Only constants cross into the trace-time decision (torch 2.11's dynamo insists): scope tokens.
-    name, fields, spec = _compile_decision(
-        meta, layout, is_causal, scale, dropout_p, grad,
-        backend if backend is None or isinstance(backend, str) else tuple(backend), ctx,
-        None if site is None else site.token)
+    bk = backend if backend is None or isinstance(backend, str) else tuple(backend)
+    token = None if site is None else site.token
+    limits, relation = _compile_limits(static, bk, ctx, token)
+    lengths = _representatives(sq, skv, limits, relation, torch.compiler.is_exporting())
+    name, fields = _compile_decision(static, lengths, bk, ctx, token)
     call = Call(*fields)
-    b = registry.get_backend(name)
-    run = _wrap(b.build(call), call, spec, b.NATIVE_LAYOUT)
-    return run(query, key, value, attn_mask, is_causal, scale, dropout_p)
+    chosen = registry.get_backend(name)
+    run = _wrap(chosen.build(_build_call_for(chosen, call)), call, spec, chosen)
+    if sinks is None:
+        return run(query, key, value, attn_mask, is_causal, scale, dropout_p)
+    return run(query, key, value, attn_mask, is_causal, scale, dropout_p, sinks)
 
 
 # -- introspection ---------------------------------------------------------------------------------
@@ -447,12 +873,16 @@ class Explanation:
 
 
 def explain(query, key, value, *, layout: str = "bnsd", attn_mask=None, is_causal: bool = False,
-            scale=None, dropout_p: float = 0.0, backend=None, site: Optional[Scope] = None) -> Explanation:
+            scale=None, dropout_p: float = 0.0, backend=None, site: Optional[Scope] = None, window=None,
+            softcap=None, sinks=None, return_lse: bool = False) -> Explanation:
     """Which backend `attention_forward` would use for these arguments, and why each other backend was
     refused. Recomputes everything (no cache); raises the same errors the call would. ``site`` is a
     patched site's scope (adapters and the CLI pass it)."""
+    if attn_mask is not None and type(attn_mask) is not torch.Tensor:
+        attn_mask, is_causal, window = causal_bias_args(attn_mask, is_causal, window)
     grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
-    call, _ = build_call(query, key, value, layout, attn_mask, is_causal, scale, dropout_p, grad)
+    features = make_features(window, softcap, sinks, return_lse) or NO_FEATURES
+    call, _ = build_call(query, key, value, layout, attn_mask, is_causal, scale, dropout_p, grad, False, features)
     d = decide(call, _arg_names(backend), _CONTEXT.get(), site, full=True)
     return Explanation(call, d.backend.NAME, d.source, d.requested, d.fallback, d.reasons)
 
@@ -472,13 +902,25 @@ class Stats:
         return "\n".join(lines)
 
 
-def iter_counts():
-    """Yield (site, backend name, fallback, calls) over live and retired plans."""
+def iter_counts(site=...):
+    """Yield (site, backend name, fallback, calls) over live and retired plans (of one ``site`` when
+    given; None is the site-less calls)."""
     with _LOCK:
-        items = list(_RETIRED.items())
-        live = [(p.site, p.backend.NAME, p.decision.fallback, p.calls) for p in _PLANS.values() if p.calls]
-    for (site, name, fallback), n in items:
-        yield site, name, fallback, n
+        if site is ...:
+            retired = [(s, k, n) for s, c in _RETIRED.items() for k, n in c.items()]
+            retired += [(None, k, n) for k, n in _RETIRED_NO_SITE.items()]
+        elif site is None:
+            retired = [(None, k, n) for k, n in _RETIRED_NO_SITE.items()]
+        else:
+            retired = [(site, k, n) for k, n in _RETIRED.get(site, Counter()).items()]
+        seen = set()
+        live = []
+        for p in list(_PLANS.values()) + list(_BUCKETS.values()):
+            if p.calls and id(p) not in seen and (site is ... or p.site is site):
+                seen.add(id(p))
+                live.append((p.site, p.backend.NAME, p.decision.fallback, p.calls))
+    for s, (name, fallback), n in retired:
+        yield s, name, fallback, n
     yield from live
 
 
@@ -493,6 +935,7 @@ def stats(reset: bool = False) -> Stats:
     if reset:
         with _LOCK:
             _RETIRED.clear()
-            for p in _PLANS.values():
+            _RETIRED_NO_SITE.clear()
+            for p in list(_PLANS.values()) + list(_BUCKETS.values()):
                 p.calls = 0
     return Stats(dict(calls), dict(fallbacks))

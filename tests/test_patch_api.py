@@ -196,15 +196,17 @@ def test_two_models_two_settings_in_concurrent_threads(rec):
 def test_apply_twice_never_double_wraps_and_updates_settings(rec):
     model = _net()
     x = torch.randn(1, 4, 32)
+    cls = type(model.blocks[0])
     p1 = _apply(model)
-    fwd = vars(model.blocks[0])["forward"]
+    patched_cls = type(model.blocks[0])
+    assert patched_cls is not cls and patched_cls.__name__ == cls.__name__ and "forward" not in vars(model.blocks[0])
     p2 = _apply(model, backend="eager")
-    assert p2 is p1 and vars(model.blocks[0])["forward"] is fwd
+    assert p2 is p1 and type(model.blocks[0]) is patched_cls  # updated in place, not wrapped again
     assert p1.settings.backend == "eager"
     _no_grad(model, x)
     assert not rec and attnpatch.stats().calls == {"eager": 2}
     p1.remove()
-    assert "forward" not in vars(model.blocks[0])
+    assert type(model.blocks[0]) is cls and "forward" not in vars(model.blocks[0])
 
 
 def test_patch_update_switches_backend_and_strict(rec):

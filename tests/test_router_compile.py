@@ -16,7 +16,7 @@ from attnpatch.backends._sdpa_common import SdpaFamily
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
     torch._dynamo.reset()
-    router.COMPILED_DECISIONS.clear()
+    router.clear_compiled_decisions()
     yield
     torch._dynamo.reset()
 
@@ -95,8 +95,8 @@ def test_fullgraph_compile_matches_eager(name, case):
     compiled = torch.compile(fn, fullgraph=True, backend="eager" if name != "flex" else "inductor")
     out = compiled(q, k, v, mask)
     torch.testing.assert_close(out, expected, atol=2e-5, rtol=2e-5)
-    assert (None, name) in router.COMPILED_DECISIONS
-    assert {n for _, n in router.COMPILED_DECISIONS} == {name}
+    assert name in router.compiled_decisions_of(None)
+    assert set(router.compiled_decisions_of(None)) == {name}
 
 
 def test_inductor_compile_of_a_masked_bsnd_call():
@@ -122,7 +122,7 @@ def test_use_backend_decides_inside_compiled_code(marker):
     with attnpatch.use_backend("sdpa_math"):
         torch.testing.assert_close(compiled(q, k, v), plain, atol=2e-5, rtol=2e-5)
     torch.testing.assert_close(compiled(q, k, v), plain)  # and back after the block
-    assert {n for _, n in router.COMPILED_DECISIONS} == {"sdpa", "fake_marker", "sdpa_math"}
+    assert set(router.compiled_decisions_of(None)) == {"sdpa", "fake_marker", "sdpa_math"}
     assert attnpatch.explain(q, k, v).backend == "sdpa"
 
 
@@ -149,19 +149,19 @@ def test_strict_refusal_raises_while_tracing():
             compiled(q, k, v)
     with attnpatch.use_backend("sdpa_flash"):  # not strict: falls back inside the graph
         torch.testing.assert_close(compiled(q, k, v), F.scaled_dot_product_attention(q, k, v))
-    assert {n for _, n in router.COMPILED_DECISIONS} == {"sdpa"}
+    assert set(router.compiled_decisions_of(None)) == {"sdpa"}
 
 
 def test_flex_compiles_one_copy_per_shape_family():
     """Regression: one torch.compile for every flex call hit dynamo's recompile limit (8) after a few
     dtypes and head dims, and flex then ran unfused without a word."""
-    a = flex_backend._compiled(flex_backend._plain, ("cpu", None, torch.float32, 64, 64, False, False))
-    b = flex_backend._compiled(flex_backend._plain, ("cpu", None, torch.bfloat16, 64, 64, False, False))
-    again = flex_backend._compiled(flex_backend._plain, ("cpu", None, torch.float32, 64, 64, False, False))
+    a = flex_backend._compiled(flex_backend._flex, ("cpu", None, torch.float32, 64, 64, False, False))
+    b = flex_backend._compiled(flex_backend._flex, ("cpu", None, torch.bfloat16, 64, 64, False, False))
+    again = flex_backend._compiled(flex_backend._flex, ("cpu", None, torch.float32, 64, 64, False, False))
     assert a is again and a is not b
     code_a = getattr(a, "_torchdynamo_orig_callable", a).__code__
     code_b = getattr(b, "_torchdynamo_orig_callable", b).__code__
-    assert code_a is not code_b and code_a.co_code == flex_backend._plain.__code__.co_code
+    assert code_a is not code_b and code_a.co_code == flex_backend._flex.__code__.co_code
     assert registry.get_backend("flex").NAME == "flex"
 
 
@@ -179,9 +179,9 @@ def test_compile_without_contextvar_tracing_reads_the_setting_at_trace_time(monk
     def f(x):
         return attnpatch.attention_forward(x, x, x) + 1
 
-    router.COMPILED_DECISIONS.clear()
+    router.clear_compiled_decisions()
     with attnpatch.use_backend("sdpa_math"):
         out = torch.compile(f, fullgraph=True)(q)
     torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, q, q) + 1)
-    assert (None, "sdpa_math") in router.COMPILED_DECISIONS
+    assert "sdpa_math" in router.compiled_decisions_of(None)
     torch._dynamo.reset()

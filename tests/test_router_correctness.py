@@ -42,7 +42,10 @@ def test_cpu_backend_list_is_the_expected_one():
         q = torch.randn(1, 1, 4, 16)
         reasons = refusal(name, q, q, q)
         assert any("device cpu (supported: cuda)" in r for r in reasons), reasons
-        assert infos[name].available  # available in this torch, just not on CPU
+        # CUDA-only kernels are not available in a process without a GPU (attnpatch info says so)
+        assert infos[name].available == torch.cuda.is_available()
+        if not torch.cuda.is_available():
+            assert "no CUDA device in this process" in infos[name].why_not
 
 
 # -- the matrix ---------------------------------------------------------------------------------------

@@ -48,6 +48,22 @@ def test_every_third_party_backend_is_builtin():
 
 # -- fixtures -----------------------------------------------------------------------------------------
 
+@pytest.fixture(autouse=True)
+def _as_if_cuda_were_there(monkeypatch):
+    """These tests check the packages' probes; on a machine without a GPU the CUDA-only backends would
+    first say "no CUDA device" (tested in test_no_cuda_is_a_reason_of_cuda_only_backends)."""
+    from attnpatch import registry
+    monkeypatch.setattr(registry, "_CUDA_AVAILABLE", [True])
+
+
+def test_no_cuda_is_a_reason_of_cuda_only_backends(monkeypatch):
+    from attnpatch import registry
+    monkeypatch.setattr(registry, "_CUDA_AVAILABLE", [False])
+    for name in sorted(THIRD_PARTY):
+        reasons = THIRD_PARTY[name]().availability()
+        assert reasons[0].startswith("no CUDA device in this process"), (name, reasons)
+
+
 @pytest.fixture
 def standin(monkeypatch):
     """standin(name, **options) installs the stand-in library and a CPU-capable twin of the backend."""
@@ -571,8 +587,8 @@ def test_compile_fullgraph_through_the_router(standin, name, mask):
     out = compiled(q, k, v, m)
     kw = {} if m is None else {"attn_mask": m}
     close(out, 2 * reference(q, k, v, layout="bsnd", **kw), tol=4e-3)
-    from attnpatch.router import COMPILED_DECISIONS
-    assert (None, name) in COMPILED_DECISIONS
+    from attnpatch.router import compiled_decisions_of
+    assert name in compiled_decisions_of(None)
 
 
 @pytest.mark.parametrize("name,mask", [("flash_attn", None), ("flash_attn", "padding"), ("xformers", "bool"),

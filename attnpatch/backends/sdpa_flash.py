@@ -16,6 +16,8 @@ class SdpaFlashBackend(SdpaFamily):
     KERNEL = "FLASH_ATTENTION"
     NATIVE_GQA = True
     SUPPORTS_V_HEAD_DIM_DIFFERENT = False
+    SUPPORTS_LSE = True
+    LSE_WITH_MASKS = False  # the CPU kernel gives 0, not -inf, for fully masked rows (CUDA takes no masks)
     AUTO_PRIORITY = {"cpu": 20, "cuda_sm90": 20, "cuda": 20}
     TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
