@@ -20,6 +20,8 @@ from .sdpa_efficient import SdpaEfficientBackend
 from .sdpa_flash import SdpaFlashBackend
 from .sdpa_math import SdpaMathBackend
 from .xformers import XformersBackend
+from .flash_attn3_hub import FlashAttn3HubBackend
+from .sage_hub import SageHubBackend
 
 BUILTIN = (SdpaBackend, SdpaCudnnBackend, SdpaFlashBackend, SdpaEfficientBackend, SdpaMathBackend,
            FlexBackend, EagerBackend,
@@ -30,7 +32,11 @@ BUILTIN = (SdpaBackend, SdpaCudnnBackend, SdpaFlashBackend, SdpaEfficientBackend
            # attnpatch's own lossy kernel (Triton, Hopper)
            Fp8Backend)
 
+#: prebuilt kernels from the Hugging Face hub through the `kernels` package (loaded only on request;
+#: never picked by auto). Tests: tests/test_hub_kernels.py.
+HUB = (FlashAttn3HubBackend, SageHubBackend)
+
 
 def register_builtin() -> None:
-    for cls in BUILTIN:
+    for cls in BUILTIN + HUB:
         register_backend(cls, replace=True)
