@@ -257,7 +257,7 @@ class _Realizer:
                 out[name] = self._get(("known", kind), lambda: _MAKERS[kind](self.site, original))
             elif tag == "helper":
                 _, fn, sub = entry
-                out[name] = self._get(("helper", id(fn)), lambda: rebind(fn, self.replacements(sub)))
+                out[name] = self._get(("helper", id(fn)), lambda: rebind(fn, self.replacements(sub), self.site))
             elif tag == "sdpa":
                 out[name] = self._sdpa()
             elif tag == "functional":
@@ -331,7 +331,7 @@ class DiffSynthAdapter(Adapter):
         module = match.module
         class_methods: Dict[str, object] = {}
         for name, fn, static, plan in match.data:
-            new = rebind(fn, realize.replacements(plan))
+            new = rebind(fn, realize.replacements(plan), site)
             if name == "forward" and "forward" in module.__dict__:  # a forward DiffSynth set on the instance
                 undo.set_attr(module, name, types.MethodType(new, module))
             else:

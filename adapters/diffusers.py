@@ -29,10 +29,13 @@ modules (``set_attn_processor(one_instance)``) or already patched by another pat
 each module (`UndoLog.set_attr`, restored on removal). Nothing outside the patched objects changes: not
 ``diffusers.models.attention_dispatch``, not torch.nn.functional, not other models.
 
-diffusers' own backend selection: while a model is patched, attnpatch's choice wins over diffusers'
-``set_attention_backend(...)`` / ``attention_backend(...)`` / ``DIFFUSERS_ATTN_BACKEND`` for the patched
-sites (the processor's ``_attention_backend`` is left as it is, and noted on the site); after
-``remove()`` the user's setting applies again. Calls attnpatch cannot serve go to the original
+diffusers' own backend selection is honoured: a backend set with ``set_attention_backend(...)`` (before
+or after apply) or an ``attention_backend(...)`` block is mapped to the attnpatch backend that runs the
+same kernel (`DIFFUSERS_BACKENDS`) and passed to the router as an explicit choice (falling back, with a
+counted reason, where it cannot serve a call), noted on the site with a warning once; a diffusers
+backend with no attnpatch equivalent runs on diffusers' own dispatcher, counted on the site. A
+processor set after apply (``set_attn_processor``, ``fuse_qkv_projections()``) is routed to the same
+site (the module's per-site class wraps ``set_processor``), or the site is reported not routed. Calls attnpatch cannot serve go to the original
 ``dispatch_attention_fn`` unchanged and are counted on the site (``Site.bypassed``, shown by
 ``report()``) with a warning once per reason: context parallelism (``parallel_config``), extra
 ``attention_kwargs`` (e.g. ``return_lse``), and flex ``BlockMask`` masks.
@@ -208,6 +211,29 @@ def _bypass(site: Site, reason: str) -> None:
         record(reason)
 
 
+#: diffusers' attention backend names (``AttentionBackendName`` values) and the attnpatch backend that
+#: runs the same kernel. A name missing here runs on diffusers' own dispatcher (counted on the site).
+DIFFUSERS_BACKENDS: Dict[str, str] = {
+    "native": "sdpa", "_native_cudnn": "sdpa_cudnn", "_native_efficient": "sdpa_efficient",
+    "_native_flash": "sdpa_flash", "_native_math": "sdpa_math", "flex": "flex",
+    "flash": "flash_attn", "flash_varlen": "flash_attn", "_flash_3": "flash_attn3", "_flash_varlen_3": "flash_attn3",
+    "_flash_3_hub": "flash_attn3_hub", "_flash_3_varlen_hub": "flash_attn3_hub",
+    "flash_4_hub": "flash_attn4", "sage": "sage", "sage_varlen": "sage", "sage_hub": "sage_hub",
+    "_sage_qk_int8_pv_fp8_cuda": "sage_fp8_cuda", "_sage_qk_int8_pv_fp8_cuda_sm90": "sage_fp8_cuda_sm90",
+    "_sage_qk_int8_pv_fp16_cuda": "sage_fp16_cuda", "_sage_qk_int8_pv_fp16_triton": "sage_fp16_triton",
+    "xformers": "xformers",
+}
+
+
+def _registry_class():
+    mod = _dispatch_module()
+    return getattr(mod, "_AttentionBackendRegistry", None) if mod is not None else None
+
+
+def _backend_value(backend) -> str:
+    return str(getattr(backend, "value", backend))
+
+
 def dispatch_for_site(site: Site, original: Callable) -> Callable:
     """A drop-in for diffusers' ``dispatch_attention_fn`` that routes this site's calls to the router.
 
@@ -215,14 +241,45 @@ def dispatch_for_site(site: Site, original: Callable) -> Callable:
     inputs are (batch, seq, heads, head_dim). Masks keep the native path's meaning: a 2-D mask of shape
     (batch, seq_kv) is a key-padding mask, any other 2-D mask is SDPA's (seq_q, seq_kv), 3-D and 4-D
     masks broadcast as in SDPA; bool masks are True = attend, float masks are added. ``backend``
-    (diffusers' per-processor or hard-coded choice) is overridden by attnpatch while patched. Calls
-    attnpatch cannot serve run the original function and are counted on the site."""
+    (diffusers' per-processor or hard-coded choice, or an ``attention_backend(...)`` block) is honoured:
+    mapped to attnpatch's backend for the same kernel (`DIFFUSERS_BACKENDS`). Calls attnpatch cannot
+    serve run the original function and are counted on the site."""
     route = router.route
     Tensor = torch.Tensor
+    registry_cls = _registry_class()
+    # diffusers' "no choice": its dispatcher then runs torch's SDPA (set_attention_backend on any model,
+    # and attention_backend(...), set the process-wide active backend, which diffusers itself honours)
+    default_active = _dispatch_module().AttentionBackendName.NATIVE if registry_cls is not None else None
+    honoured: Dict[str, Optional[str]] = {}
+
+    def attnpatch_name(backend) -> Optional[str]:
+        """The attnpatch backend for a diffusers backend the user chose (set_attention_backend on the
+        processor, or the attention_backend(...) context manager): honoured, noted on the site."""
+        value = _backend_value(backend)
+        name = honoured.get(value, ...)
+        if name is ...:
+            name = DIFFUSERS_BACKENDS.get(value)
+            honoured[value] = name
+            what = f"diffusers attention backend {value!r} (set_attention_backend / attention_backend)"
+            if name is None:
+                site.note = f"{what} has no attnpatch equivalent: those calls run on diffusers' dispatcher"
+            else:
+                site.note = f"{what} honoured as attnpatch backend {name!r}"
+            logger.warning("attnpatch: %s: %s", site.path, site.note)
+        return name
 
     def dispatch_attention_fn(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                               enable_gqa=False, attention_kwargs=None, *, backend=None, parallel_config=None,
                               **kwargs):
+        if backend is None and registry_cls is not None and registry_cls._active_backend != default_active:
+            backend = registry_cls._active_backend  # inside diffusers' attention_backend(...) block
+        chosen = None
+        if backend is not None:
+            chosen = attnpatch_name(backend)
+            if chosen is None:
+                _bypass(site, f"diffusers attention backend {_backend_value(backend)!r} has no attnpatch equivalent")
+                return original(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                                attention_kwargs, backend=backend, parallel_config=parallel_config, **kwargs)
         if parallel_config is not None or attention_kwargs or kwargs or (
                 attn_mask is not None and not isinstance(attn_mask, Tensor)):
             if parallel_config is not None:
@@ -241,7 +298,7 @@ def dispatch_for_site(site: Site, original: Callable) -> Callable:
                 attn_mask = attn_mask[:, None, None, :]  # (batch, seq_kv) key padding, as diffusers' native path
             else:
                 attn_mask = attn_mask[None, None]  # SDPA's (seq_q, seq_kv)
-        return route(site.scope, query, key, value, "bsnd", attn_mask, is_causal, scale, dropout_p, None)
+        return route(site.scope, query, key, value, "bsnd", attn_mask, is_causal, scale, dropout_p, chosen)
 
     dispatch_attention_fn.__wrapped__ = original
     return dispatch_attention_fn
@@ -288,7 +345,7 @@ class _SiteFunctions:
         if got is not None:
             return got
         replacements: Dict[str, Any] = {}
-        new = rebind(plan.fn, replacements)  # placeholder first: helpers may recurse into it
+        new = rebind(plan.fn, replacements, self.site)  # placeholder first: helpers may recurse into it
         self._copies[key] = new
         for name, how in plan.replace.items():
             new.__globals__[name] = self.copy_of(how) if isinstance(how, FnPlan) else self.value(how)
@@ -297,7 +354,7 @@ class _SiteFunctions:
 
 def routed_class(orig: type, site: Site) -> type:
     """The per-site subclass of ``orig`` whose attention functions route to ``site``."""
-    cache = _ROUTED.setdefault(site, {})
+    cache = site.state.setdefault("diffusers.routed_classes", {})
     cls = cache.get(orig)
     if cls is not None:
         return cls
@@ -311,7 +368,6 @@ def routed_class(orig: type, site: Site) -> type:
     return cls
 
 
-_ROUTED: "weakref.WeakKeyDictionary[Site, Dict[type, type]]" = weakref.WeakKeyDictionary()
 
 
 def is_routed_class(cls: type) -> bool:
@@ -439,8 +495,11 @@ class DiffusersAdapter(Adapter):
             backend = getattr(proc, "_attention_backend", None)
             if backend is not None:
                 value = getattr(backend, "value", backend)
-                note = (f"diffusers attention backend {value!r} (set_attention_backend) is overridden by attnpatch "
-                        "while patched; it applies again after remove()")
+                mapped = DIFFUSERS_BACKENDS.get(str(value))
+                note = (f"diffusers attention backend {value!r} (set_attention_backend) honoured as attnpatch "
+                        f"backend {mapped!r}" if mapped else
+                        f"diffusers attention backend {value!r} (set_attention_backend) has no attnpatch "
+                        "equivalent: those calls run on diffusers' dispatcher")
             shared = holders[id(proc)] > 1 or is_routed_class(type(proc))
             out.append(SiteMatch(module, path, kind=kind, heads=heads, kv_heads=kv, head_dim=head_dim, note=note,
                                  data=("processor", shared)))
@@ -459,6 +518,52 @@ class DiffusersAdapter(Adapter):
             undo.set_attr(module, "processor", proc)
         cls = routed_class(original_class(type(proc)), site)
         undo.set_class(proc, cls)
+        if callable(getattr(type(module), "set_processor", None)):
+            undo.set_class(module, _module_class(original_class(type(module)), site, undo))
+
+
+def _route_new_processor(module, site: Site, undo: UndoLog) -> None:
+    """A processor set on a patched module after apply (``set_attn_processor``, ``fuse_qkv_projections``,
+    PAG): route it to the same site, or report the site as not routed, with a warning, when it computes
+    attention in a way attnpatch cannot reach."""
+    proc = processor_of(module)
+    if proc is None:
+        return
+    pcls = original_class(type(proc))
+    if not class_plans(pcls):
+        if site.routed:
+            site.routed = False
+            site.note = f"{not_routed_note(proc)} (set after apply)"
+            logger.warning("attnpatch: %s: the processor set after apply is not routed: %s", site.path, site.note)
+        return
+    if is_site_class(type(proc)):  # one processor object set on several modules: each gets its copy
+        proc = copy.copy(proc)
+        undo.set_attr(module, "processor", proc)
+    undo.set_class(proc, routed_class(pcls, site))
+    if not site.routed and site.note.endswith("(set after apply)"):
+        site.routed, site.note = True, ""
+
+
+def _module_class(orig: type, site: Site, undo: UndoLog) -> type:
+    """The per-site class of a patched attention module: its ``set_processor`` routes the processor it
+    is given (so ``fuse_qkv_projections()`` and ``set_attn_processor(...)`` after apply stay routed)."""
+    cache = site.state.setdefault("diffusers.module_classes", {})
+    cls = cache.get(orig)
+    if cls is None:
+        set_processor = orig.set_processor
+        undo_ref = weakref.ref(undo)
+
+        def routed_set_processor(self, processor, *args, **kwargs):
+            out = set_processor(self, processor, *args, **kwargs)
+            log = undo_ref()
+            if log is not None and len(log):  # the patch is live
+                _route_new_processor(self, site, log)
+            return out
+
+        routed_set_processor.__wrapped__ = set_processor
+        cls = site_class(orig, {"set_processor": routed_set_processor})
+        cache[orig] = cls
+    return cls
 
 
 ADAPTER = DiffusersAdapter

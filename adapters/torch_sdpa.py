@@ -85,7 +85,7 @@ class TorchSdpaAdapter(Adapter):
     def patch_site(self, match: SiteMatch, site: Site, undo: UndoLog) -> None:
         fn = match.data
         sdpa = sdpa_for_site(site)
-        new = rebind(fn, sdpa_replacements(fn, sdpa))
+        new = rebind(fn, sdpa_replacements(fn, sdpa), site)
         module = match.module
         if "forward" in module.__dict__:  # a bound method of its own class's forward, set on the instance
             undo.set_attr(module, "forward", types.MethodType(new, module))

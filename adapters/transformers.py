@@ -247,36 +247,38 @@ def is_registered() -> bool:
     return IMPLEMENTATION in AttentionInterface._global_mapping
 
 
-def _config_class(orig: type, original_value, sites: List[Site]) -> type:
+def _config_class(orig: type, sites: List[Site]) -> type:
     """The per-patch class of a config: ``_attn_implementation`` reads "attnpatch" until someone sets
-    it (transformers' ``set_attn_implementation``), which then wins, warned once and reported."""
+    the implementation (transformers' ``set_attn_implementation`` writes ``_attn_implementation_internal``,
+    ``config._attn_implementation = ...`` goes through the same attribute); that choice then wins,
+    warned once and shown in the report. The value itself stays in the config's ``__dict__``."""
     state = {"overridden": False}
-    prop = orig.__dict__.get("_attn_implementation")
-    for klass in orig.__mro__:
-        if "_attn_implementation" in klass.__dict__:
-            prop = klass.__dict__["_attn_implementation"]
-            break
+    key = "_attn_implementation_internal"
 
-    def getter(self):
-        if not state["overridden"]:
-            return IMPLEMENTATION
-        return prop.fget(self)
+    def implementation(self):
+        return IMPLEMENTATION if not state["overridden"] else self.__dict__.get(key)
 
-    def setter(self, value):
-        prop.fset(self, value)
-        if value == IMPLEMENTATION:
+    def set_implementation(self, value):
+        orig._attn_implementation.fset(self, value)  # transformers' setter (sub-configs too)
+
+    def internal(self):
+        return self.__dict__.get(key)
+
+    def set_internal(self, value):
+        self.__dict__[key] = value
+        if value == IMPLEMENTATION or state["overridden"]:
             return
-        if not state["overridden"]:
-            state["overridden"] = True
-            logger.warning("attnpatch: attn_implementation of a patched %s was set to %r; attnpatch no longer "
-                           "routes its attention (report() shows it; attnpatch.remove(model) restores it)",
-                           orig.__name__, value)
-            for site in sites:
-                site.routed = False
-                site.note = (f"attn_implementation set to {value!r} after apply (set_attn_implementation): "
-                             "transformers runs its own implementation; apply again to route it")
+        state["overridden"] = True
+        logger.warning("attnpatch: attn_implementation of a patched %s was set to %r; attnpatch no longer "
+                       "routes its attention (report() shows it; attnpatch.remove(model) restores it)",
+                       orig.__name__, value)
+        for site in sites:
+            site.routed = False
+            site.note = (f"attn_implementation set to {value!r} after apply (set_attn_implementation): "
+                         "transformers runs its own implementation; apply again to route it")
 
-    return site_class(orig, {"_attn_implementation": property(getter, setter)})
+    return site_class(orig, {"_attn_implementation": property(implementation, set_implementation),
+                             key: property(internal, set_internal)})
 
 
 # -- finding sites -------------------------------------------------------------------------------------
@@ -429,7 +431,7 @@ class TransformersAdapter(Adapter):
             if type(config).__dict__.get("_attnpatch_orig") is not None:
                 continue  # already switched (shared with another patched root)
             orig = original_class(type(config))
-            undo.set_class(config, _config_class(orig, config.__dict__.get("_attn_implementation_internal"), sites))
+            undo.set_class(config, _config_class(orig, sites))
 
     def patch_site(self, match: SiteMatch, site: Site, undo: UndoLog) -> None:
         # the config switch routes the module; the function finds the site in SITE_OF

@@ -64,6 +64,9 @@ class Site:
     rule: str = ""  # which recipe rule (or "apply()") set the scope
     #: reason -> calls the adapter could not route and sent to the library's own code (report() shows them)
     bypassed: Counter = field(default_factory=Counter)
+    #: adapter-private objects made for this site (e.g. its routed classes): they live and die with the
+    #: site, so nothing process-wide keeps a removed patch's site alive
+    state: Dict[str, Any] = field(default_factory=dict, repr=False)
 
     def record_bypass(self, reason: str) -> None:
         """Count one call of this site that its adapter ran on the library's own code instead of the
@@ -359,6 +362,8 @@ class Patch:
         self.schedule = None
         #: changes outside the patched roots (e.g. a pipeline scheduler's step tracking).
         self._undo_extra = UndoLog()
+        #: sites of roots already removed (the report still shows what ran on them)
+        self._removed_sites: List[Site] = []
 
     @property
     def sites(self) -> List[Site]:
@@ -371,9 +376,10 @@ class Patch:
 
     def report(self) -> "Report":
         """Per site: the backend that actually ran and how many times, and every fallback with its
-        reason. Calls traced under torch.compile are listed as decided, not counted."""
+        reason. Calls traced under torch.compile are listed as decided, not counted. After `remove`
+        the report still shows what ran while the patch was applied."""
         rows = []
-        for s in self.sites:
+        for s in self._removed_sites + self.sites:
             calls, fallbacks = s.counts()
             traced = sorted(router.compiled_decisions_of(s))
             rows.append(ReportRow(s, dict(calls), dict(fallbacks), traced))
@@ -419,6 +425,7 @@ class Patch:
             self._undo_extras()
             for rp in reversed(self._roots):
                 self._remove_root(rp)
+            self._removed_sites += [s for rp in self._roots for s in rp.sites]
             self._roots.clear()
             self.removed = True
             router.forget_scopes(scopes)
@@ -430,10 +437,15 @@ class Patch:
             logger.warning("attnpatch.remove: %s", problem)
 
     def _remove_root(self, rp: _RootPatch) -> None:
+        from .rebind import unregister
+
         for problem in rp.undo.undo():
             logger.warning("attnpatch.remove: %s", problem)
         for m in rp.matches:
             SITE_OF.pop(m.module, None)
+        for site in rp.sites:
+            unregister(site)
+            site.state.clear()  # the per-site classes and copies: nothing needs them any more
         if _PATCHES.get(rp.root) is self:
             del _PATCHES[rp.root]
 
@@ -649,6 +661,7 @@ def _remove_roots_of(self: Patch, modules: List[torch.nn.Module]) -> None:
         for rp in self._roots:
             if any(rp.root is m for m in modules):
                 self._remove_root(rp)
+                self._removed_sites += rp.sites
             else:
                 keep.append(rp)
         self._roots = keep

@@ -88,12 +88,14 @@ def calls_sdpa(fn: Callable) -> bool:
 _COUNTER = itertools.count()
 
 
-def rebind(fn: Callable, replacements: Dict[str, object]) -> Callable:
+def rebind(fn: Callable, replacements: Dict[str, object], owner=None) -> Callable:
     """A copy of plain function ``fn`` (with its own code object) whose globals have ``replacements`` applied.
 
     The copied globals are the ``__dict__`` of a private module registered in ``sys.modules`` under
-    a unique name (and removed when the copy is garbage-collected): torch.compile (dynamo) finds a
-    function's globals by importing ``__name__``, so they must be importable to be traced and guarded.
+    a unique name: torch.compile (dynamo) finds a function's globals by importing ``__name__``, so they
+    must be importable to be traced and guarded. ``owner`` (a patched `Site`) records the name in
+    ``owner.state["rebound_modules"]``, and removing the patch unregisters it (`unregister`); without
+    an owner the module goes when the copy is garbage-collected.
     """
     if isinstance(fn, types.MethodType):
         raise TypeError("rebind expects a plain function (use type(obj).method), got a bound method")
@@ -119,7 +121,16 @@ def rebind(fn: Callable, replacements: Dict[str, object]) -> Callable:
     new.__annotations__ = fn.__annotations__
     sys.modules[name] = module
     weakref.finalize(new, sys.modules.pop, name, None)
+    if owner is not None:
+        owner.state.setdefault("rebound_modules", []).append(name)
     return new
+
+
+def unregister(site) -> None:
+    """Take the private modules of ``site``'s rebound functions out of ``sys.modules`` (at removal:
+    they would otherwise keep the functions, and through them the site, alive)."""
+    for name in site.state.pop("rebound_modules", ()):
+        sys.modules.pop(name, None)
 
 
 def sdpa_for_site(site) -> Callable:

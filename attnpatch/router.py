@@ -656,8 +656,9 @@ def clear_compiled_decisions() -> None:
 
 def _static_call(static: tuple, lengths: tuple) -> Tuple[Call, Optional[str]]:
     """The Call of a traced call: the static facts and representative lengths (see `_representatives`)."""
-    (layout, dtype, device, heads_q, heads_kv, head_dim, head_dim_v, batch_is_1, mask, is_causal, dropout,
+    (layout, dtype, device, heads_q, heads_kv, head_dim, head_dim_v, batch_is_1, mask, is_causal, has_dropout,
      grad, contiguous, features) = static
+    dropout = 0.5 if has_dropout else 0.0  # decisions depend only on dropout_p > 0; runners get the real one
     sq, skv = lengths
     b = 1 if batch_is_1 else 2
     if layout == "bnsd":
@@ -730,11 +731,26 @@ def _compile_decision(static, lengths, backend, ctx, site):
     return decision.backend.NAME, tuple(getattr(call, f) for f in _CALL_FIELDS)
 
 
-for _fn in ("_compile_limits", "_compile_decision"):
-    try:  # torch >= 2.1: dynamo runs the function at trace time and keeps its result as a constant
-        globals()[_fn] = torch._dynamo.assume_constant_result(globals()[_fn])
-    except AttributeError:  # pragma: no cover
-        pass
+def assume_constant_result(fn):
+    """``torch._dynamo.assume_constant_result`` without importing dynamo when attnpatch is imported (a
+    2 s cost): dynamo runs a function so marked at trace time and keeps its result as a constant. The
+    mark is the attribute torch's own decorator sets (tests/test_compile_shapes.py checks that it is)."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+_compile_limits = assume_constant_result(_compile_limits)
+_compile_decision = assume_constant_result(_compile_decision)
+
+
+def _known(cond) -> bool:
+    """A size comparison made while tracing: True only when it holds (a guard for dynamo where the size
+    is symbolic); False where it cannot be known (a data-dependent size), never an error. Uses torch's
+    ``guard_or_false`` (imported by dynamo and export, so not imported here)."""
+    guard = getattr(getattr(getattr(torch.fx, "experimental", None), "symbolic_shapes", None), "guard_or_false", None)
+    if guard is None:  # pragma: no cover - torch without it
+        return True if cond else False
+    return True if guard(cond) else False
 
 
 #: torch >= 2.14's dynamo traces ContextVar.get and guards on its value (a use_backend() block
@@ -751,23 +767,24 @@ def _representatives(sq, skv, limits, relation, exporting):
     when a backend needs the relation. Under torch.export no length is compared (an exported program
     must hold for every length in its range): lengths then count as 1, so length-limited backends refuse."""
     def rep(n):
-        if n == 1:
+        if _known(n == 1):
             return 1
         if exporting:
             return 2
         out = 2
         for t in limits:
-            if n >= t:
+            if _known(n >= t):
                 out = t
         return out
 
     rq, rkv = rep(sq), rep(skv)
     if relation and not exporting:
-        if sq == skv:
+        if _known(sq == skv):
             rkv = rq
-        elif sq < skv and rq >= rkv:
-            rkv = rq + 1
-        elif sq > skv and rq <= rkv:
+        elif _known(sq < skv):
+            if rq >= rkv:
+                rkv = rq + 1
+        elif rq <= rkv:
             rq = rkv + 1
     elif relation and exporting and rq == rkv:
         rkv = rq + 1  # unknown order: counts as cross-attention
@@ -775,7 +792,7 @@ def _representatives(sq, skv, limits, relation, exporting):
 
 
 def _is_one(n) -> bool:
-    return True if n == 1 else False
+    return _known(n == 1)
 
 
 def _mask_pattern(m, b, h, sq, skv, layout):
@@ -783,7 +800,7 @@ def _mask_pattern(m, b, h, sq, skv, layout):
     n = m.dim()
     if n == 2:
         # attnpatch's (b, s_kv) key padding, or SDPA's (s_q, s_kv): which size matches decides
-        padding = True if (m.shape[0] == b and not (m.shape[0] == sq and not _is_one(b))) else False
+        padding = _known(m.shape[0] == b) and not (_known(m.shape[0] == sq) and not _is_one(b))
         if padding:
             return (_is_one(m.shape[0]), True, True, _is_one(m.shape[1])), "key_padding"
         return (True, True, _is_one(m.shape[0]), _is_one(m.shape[1])), "as_is"
@@ -821,12 +838,13 @@ def _traced_forward(site, query, key, value, layout, attn_mask, is_causal, scale
         pattern, spec = _mask_pattern(attn_mask, b, hq, sq, skv, layout)
         mask = (pattern, attn_mask.dtype)
     # control flow turns a (possibly symbolic) comparison into a plain bool (a guard if needed)
-    contiguous = True if (query.stride(-1) == 1 and key.stride(-1) == 1 and value.stride(-1) == 1) else False
-    batch_is_1 = True if b == 1 else False
+    contiguous = _known(query.stride(-1) == 1) and _known(key.stride(-1) == 1) and _known(value.stride(-1) == 1)
+    batch_is_1 = _is_one(b)
+    has_dropout = True if dropout_p > 0 else False  # dropout_p may be a symbolic float (dynamic=True)
     # head dims and head counts are static facts (operator.index specialises a size dynamo holds as
     # symbolic); batch and sequence sizes are never specialised
     static = (layout, query.dtype, query.device, operator.index(hq), operator.index(hk), operator.index(d),
-              operator.index(dv), batch_is_1, mask, is_causal, float(dropout_p), grad, contiguous,
+              operator.index(dv), batch_is_1, mask, is_causal, has_dropout, grad, contiguous,
               (features.window, features.softcap, features.sinks, features.return_lse))
     if _DYNAMO_GUARDS_CONTEXTVARS:
         ctx = _CONTEXT.get()

@@ -12,6 +12,7 @@ close.
 from __future__ import annotations
 
 import copy
+import logging
 import inspect
 import os
 import pickle
@@ -702,7 +703,7 @@ def test_dispatch_replacement_matches_native_bitwise(mask_kind, recording):
     site = attnpatch.Site(path="d", adapter="diffusers")
     site.scope = attnpatch.controls.Scope(backends=("recording",), source="test", site=site)
     fn = dadapter.dispatch_for_site(site, AD.dispatch_attention_fn)
-    out = fn(q, k, v, attn_mask=mask, backend="native")
+    out = fn(q, k, v, attn_mask=mask)  # processors pass backend=None unless the user chose one
     if mask_kind == "3d":
         # the router views masks as 4-D; torch's CPU SDPA takes another path for a 3-D mask than for
         # the same mask viewed as 4-D (differences ~1e-7), so this one case is close, not bitwise
@@ -780,32 +781,48 @@ def restore_diffusers_backend():
     reg._active_backend = saved  # set_attention_backend also sets diffusers' process-wide default
 
 
-def test_set_attention_backend_interplay(recording, restore_diffusers_backend):
-    """attnpatch's choice wins while patched; the user's diffusers setting is left in place, noted on
-    the site, and applies again after remove() (also when set while patched)."""
+def test_set_attention_backend_is_honoured_while_patched(recording, restore_diffusers_backend, caplog):
+    """A diffusers backend the user chose (before or after apply, or in an attention_backend block) is
+    honoured: mapped to attnpatch's backend for the same kernel, noted on the site with a warning, and
+    counted as that backend; a backend with no attnpatch equivalent runs on diffusers' dispatcher,
+    counted on the site. After remove() diffusers runs the user's setting itself."""
     model, kw = build("flux")
-    model.set_attention_backend("native")
-    ref_native = run(model, kw)
     model.set_attention_backend("_native_math")
     ref_math = run(model, kw)
+    model.set_attention_backend("native")
+    ref_native = run(model, kw)
     assert not torch.equal(ref_math, ref_native)  # on CPU the math kernel differs in the last bits
     proc = model.transformer_blocks[0].attn.processor
-    patch = _apply(model)
-    assert all("_native_math" in s.note for s in patch.sites)
-    assert torch.equal(run(model, kw), ref_native)  # attnpatch's choice (SDPA's default kernel) ran
-    assert len(Recording.calls) == len(patch.sites)
+    model.set_attention_backend("_native_math")
+    with caplog.at_level(logging.WARNING, logger="attnpatch"):
+        patch = _apply(model)  # recording is attnpatch's own choice for every site
+        assert all("honoured as attnpatch backend 'sdpa_math'" in s.note for s in patch.sites)
+        assert torch.equal(run(model, kw), ref_math)  # the user's math kernel ran, through attnpatch
+    assert not Recording.calls and sum(sum(r.calls.values()) for r in patch.report().rows) == len(patch.sites)
+    assert {n for r in patch.report().rows for n in r.calls} == {"sdpa_math"}
+    assert any("honoured as attnpatch backend" in r.getMessage() for r in caplog.records)
     patch.remove()
-    assert torch.equal(run(model, kw), ref_math)  # the user's setting is back
+    assert torch.equal(run(model, kw), ref_math)
 
+    model.reset_attention_backend()  # no diffusers choice: attnpatch's decides
+    # (set_attention_backend also set diffusers' process-wide active backend, which reset leaves alone)
+    AD._AttentionBackendRegistry.set_active_backend(AD.AttentionBackendName.NATIVE)
     patch = _apply(model)
-    model.set_attention_backend("native")  # while patched: stored on the processor, not used
     Recording.calls.clear()
     run(model, kw)
     assert len(Recording.calls) == len(patch.sites)
+    with AD.attention_backend("_native_math"):  # the context manager is honoured too
+        Recording.calls.clear()
+        assert torch.equal(run(model, kw), ref_math) and not Recording.calls
+    for m in model.modules():  # a backend with no attnpatch equivalent: diffusers' dispatcher runs it
+        if getattr(m, "processor", None) is not None:
+            m.processor._attention_backend = AD.AttentionBackendName("_native_xla")
+    with pytest.raises(Exception):
+        run(model, kw)  # (diffusers' XLA attention cannot run on this machine: its own error)
+    assert any("has no attnpatch equivalent" in why for s in patch.sites for why in s.bypassed)
     patch.remove()
-    assert proc._attention_backend == AD.AttentionBackendName.NATIVE
-    Recording.calls.clear()
     model.set_attention_backend("_native_math")
+    Recording.calls.clear()
     assert torch.equal(run(model, kw), ref_math)
     assert not Recording.calls
 

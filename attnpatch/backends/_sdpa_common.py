@@ -210,7 +210,7 @@ class SdpaFamily(Backend):
 
     def needs_unit_stride(self, call: Call) -> bool:
         # torch's fused CUDA kernels need stride 1 in the last dim; CPU flash and math do not.
-        return self.KERNEL in _CAN_USE and call.device_type == "cuda"
+        return self.NEEDS_UNIT_LAST_DIM_STRIDE or (self.KERNEL in _CAN_USE and call.device_type == "cuda")
 
     def extra_reasons(self, call: Call) -> List[str]:
         reasons = []
