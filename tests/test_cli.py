@@ -103,9 +103,12 @@ def test_inspect_a_local_transformers_folder_with_a_recipe_and_json(tmp_path, ca
     rc, out, err = main(capsys, "inspect", str(tmp_path / "llama"), "--recipe", "llama", "--json")
     assert rc == 0, err
     doc = json.loads(out)
-    assert doc["kind"] == "transformers" and doc["recipe"] == "llama"
-    assert [s["path"] for s in doc["sites"]] == ["layers.0.self_attn", "layers.1.self_attn"]
-    assert all(s["rule"] == "self" and s["kind"] == "self" and s["heads"] == 4 for s in doc["sites"])
+    assert doc["schema_version"] == 1 and doc["kind"] == "transformers" and doc["recipe"] == "llama"
+    # the saved architecture (LlamaForCausalLM), so the paths are those apply() sees on the loaded model
+    assert doc["class"] == "LlamaForCausalLM"
+    assert [s["path"] for s in doc["sites"]] == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
+    assert all(s["candidates"] == [{"rule": "self", "backend": ["auto"], "allow_lossy": False, "steps": None}]
+               and s["kind"] == "self" and s["heads"] == 4 for s in doc["sites"])
 
 
 def test_inspect_refuses_remote_code_unless_asked(tmp_path, capsys):
@@ -124,7 +127,7 @@ def test_inspect_user_errors_missing_path_and_offline_hub_id(capsys, monkeypatch
     rc, out, err = main(capsys, "inspect", "someorg/somemodel")
     assert_user_error(rc, err, 2, "'someorg/somemodel' is not a local folder", "HF_HUB_OFFLINE")
     rc, out, err = main(capsys, "inspect", "tiny-flux", "--recipe", "nope")
-    assert_user_error(rc, err, 1, "no shipped recipe named 'nope'")
+    assert_user_error(rc, err, 2, "no shipped recipe named 'nope'")
 
 
 def test_bench_shapes_writes_json_and_a_png(tmp_path):
@@ -133,7 +136,9 @@ def test_bench_shapes_writes_json_and_a_png(tmp_path):
                        "sdpa,sdpa_math,flash_attn", "--warmup", "1", "--repeat", "2", "--json", str(jf),
                        "--plot", str(pf), "--no-progress")
     assert rc == 0, err
-    assert re.search(r"^1x2x64x16 float32 causal\s+sdpa \*\s+[\d.]+\s+[\d.]+\s+\d\.\de-\d\d", out, re.M)
+    # median, spread, min-max, TFLOP/s, rel.err
+    assert re.search(r"^1x2x64x16 float32 causal\s+sdpa \*\s+[\d.]+\s+±\d+%\s+[\d.]+-[\d.]+\s+[\d.]+\s+\d\.\de-\d\d",
+                     out, re.M)
     doc = json.loads(jf.read_text())
     rows = doc["results"]
     assert len(rows) == 6 and doc["device"] in ("cpu", "cuda")
@@ -202,14 +207,14 @@ def test_recipe_list_and_show(capsys):
     assert rc == 0, err
     assert "name: flux" in out and "single_transformer_blocks.*.attn" in out
     rc, out, err = main(capsys, "recipe", "show", "fluxx")
-    assert_user_error(rc, err, 1, "no shipped recipe named 'fluxx' (did you mean 'flux'?)")
+    assert_user_error(rc, err, 2, "no shipped recipe named 'fluxx' (did you mean 'flux'?)")
 
 
 def test_recipe_check_reports_errors_with_line_and_unmatched_rules(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("version: 1\nname: t\nrules:\n  - pattern: 'blocks.*.attn1'\n    backend: fash\n")
     rc, out, err = run("recipe", "check", str(bad))
-    assert_user_error(rc, err, 1, f"{bad}:5: rules[0].backend: unknown backend 'fash'")
+    assert_user_error(rc, err, 2, f"{bad}:5: rules[0].backend: unknown backend 'fash'")
     odd = tmp_path / "odd.yaml"
     odd.write_text("version: 1\nname: t\nrules:\n  - name: self\n    pattern: 'blocks.*.attn1'\n    backend: sdpa\n"
                    "  - name: typo\n    pattern: 'blocks.*.atn2'\n    backend: sdpa\n")
