@@ -22,13 +22,14 @@ import threading
 import weakref
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import (TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Literal, Mapping, Optional, Protocol,
+from typing import (Any, Callable, Dict, Iterator, List, Literal, Mapping, Optional, Protocol,
                     Sequence, Tuple, Union)
 
 import torch
 
 from . import controls, router
 from .controls import BackendSpec, Scope
+from .recipes import Recipe
 from .report import Report, ReportRow, describe_scope  # noqa: F401  (re-exported)
 
 logger = logging.getLogger("attnpatch")
@@ -321,9 +322,6 @@ class HasComponents(Protocol):
 #: What `apply`, `remove` and `patched` take: a module (also a torch.compile'd one), a pipeline, or a
 #: list of these.
 Target = Union[torch.nn.Module, HasComponents, Sequence[Union[torch.nn.Module, HasComponents]]]
-
-if TYPE_CHECKING:
-    from .recipes import Recipe
 
 #: What ``recipe=`` takes: a shipped name, a path to a .yaml file, a dict, a `Recipe`; None (the shipped
 #: recipe that matches, when backend is auto) or False (no recipe).

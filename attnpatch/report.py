@@ -46,9 +46,20 @@ class ReportRow:
         if self.calls:
             parts.append(", ".join(f"{n}×{c}" for n, c in sorted(self.calls.items())))
         if self.compiled:
-            parts.append("compiled: " + ", ".join(f"{n} ({how})" for n, how in sorted(self.compiled.items()))
-                         + "; compiled calls are not counted")
+            parts.append("compiled: " + ", ".join(f"{n} ({self._how(how)})" for n, how in sorted(self.compiled.items()))
+                         + ", calls not counted")
         return "; ".join(parts) or "not called"
+
+    def _how(self, how: str) -> str:
+        """How a compiled call's backend was decided, without the site's own rule (shown beside it):
+        "auto: static table", "as the rule asks", or who else decided ("use_backend()", ...)."""
+        rule = self.site.rule or ""
+        if rule and how.startswith(rule):
+            rest = how[len(rule):].strip()
+            if not rest:
+                return "as the rule asks"
+            return "auto: " + rest.strip("()") if rest.startswith("(") else rest
+        return how
 
     def rule(self) -> str:
         """The recipe rule (or ``apply()``) that set this site's backend, and what it asks for."""
