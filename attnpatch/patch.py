@@ -16,7 +16,7 @@ import contextlib
 import copyreg
 import inspect
 import logging
-import os
+import os  # noqa: F401  (the RecipeSpec annotation)
 import sys
 import threading
 import weakref
@@ -29,7 +29,7 @@ import torch
 
 from . import controls, router
 from .controls import BackendSpec, Scope
-from .recipes import Recipe
+from .recipes import Recipe  # noqa: F401  (the RecipeSpec annotation, resolvable by typing.get_type_hints)
 from .report import Report, ReportRow, describe_scope  # noqa: F401  (re-exported)
 
 logger = logging.getLogger("attnpatch")

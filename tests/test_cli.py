@@ -363,7 +363,8 @@ def test_unwritable_outputs_and_missing_matplotlib_fail_before_the_run(tmp_path,
     ["bench", "--shape", "1,2,16,8", "--backends", "sdpa", "--repeat", "2", "--warmup", "0", "--no-progress"],
     ["demo", "--model", "tiny-llama", "--repeat", "1"],
 ])
-def test_json_goes_to_stdout_or_to_a_file_the_same_way_in_every_command(argv, tmp_path, capsys):
+def test_json_goes_to_stdout_or_to_a_file_the_same_way_in_every_command(argv, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     for flag in (["--json"], ["--json", "-"], ["--json=-"]):
         rc, out, err = main(capsys, *argv, *flag)
         assert rc == 0, err
