@@ -35,7 +35,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from attnpatch import router
-from attnpatch.patch import Adapter, Site, SiteMatch, UndoLog, original_class, site_class
+from attnpatch.patch import Adapter, Site, SiteMatch, UndoLog, original_class, own_attr, site_class
 from attnpatch.rebind import _SDPA, functional_proxy, rebind, sdpa_for_site, torch_proxy
 
 #: (module name, function name, kind) of DiffSynth's attention entry points replaced per site.
@@ -284,7 +284,7 @@ def _kind(path: str) -> str:
 
 def _int_attr(module, names) -> Optional[int]:
     for n in names:
-        v = getattr(module, n, None)
+        v = own_attr(module, n)
         if isinstance(v, int) and not isinstance(v, bool):
             return v
     return None

@@ -56,7 +56,7 @@ import torch
 import torch.nn.functional as F
 
 from attnpatch import router
-from attnpatch.patch import Adapter, Site, SiteMatch, UndoLog, is_site_class, original_class, site_class
+from attnpatch.patch import Adapter, Site, SiteMatch, UndoLog, is_site_class, original_class, own_attr, site_class
 from attnpatch.rebind import _ProxyModule, functional_proxy, rebind, sdpa_for_site, torch_proxy
 
 logger = logging.getLogger("attnpatch")
@@ -378,7 +378,7 @@ def is_routed_class(cls: type) -> bool:
 
 def _int_attr(module, *names) -> Optional[int]:
     for n in names:
-        v = getattr(module, n, None)
+        v = own_attr(module, n)
         if isinstance(v, int) and not isinstance(v, bool) and v > 0:
             return v
     return None

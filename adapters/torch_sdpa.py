@@ -14,7 +14,7 @@ from typing import List, Optional
 
 import torch
 
-from attnpatch.patch import Adapter, Site, SiteMatch, UndoLog, original_class, site_class
+from attnpatch.patch import Adapter, Site, SiteMatch, UndoLog, original_class, own_attr, site_class
 from attnpatch.rebind import calls_sdpa, rebind, sdpa_for_site, sdpa_replacements
 
 _MATMUL_NAMES = {"matmul", "bmm", "baddbmm", "einsum", "transpose"}
@@ -26,7 +26,7 @@ def join_path(prefix: str, name: str) -> str:
 
 def first_attr(module, names) -> Optional[int]:
     for n in names:
-        v = getattr(module, n, None)
+        v = own_attr(module, n)
         if isinstance(v, int) and not isinstance(v, bool):
             return v
     return None

@@ -4,8 +4,9 @@ Public names only; each lives in the module its name points to:
 
 * `attention_forward`, `explain`, `stats`, `BackendUnsupportedError` — `attnpatch.router`
 * `backends`, `register_backend`, `unregister_backend`, `Backend` — `attnpatch.registry`
-* `use_backend`, `reload_env` — `attnpatch.controls`
+* `use_backend`, `reload_env`, `Scope` — `attnpatch.controls` (other libraries' backend names: `attnpatch.aliases`)
 * `apply`, `remove`, `patched`, `Patch`, `Site` — `attnpatch.patch` (adapters: ``attnpatch.adapters``)
+* `Report`, `ReportRow` — `attnpatch.report` (what `Patch.report()` returns)
 * `step`, `current_step`, `RecipeError` — `attnpatch.recipes` (the recipe format and step schedules)
 
 Note: ``attnpatch.backends`` is the function that lists backends; the backend modules themselves are
@@ -18,10 +19,11 @@ from typing import List
 
 from . import backends as _backends_pkg
 from .call import Call
-from .controls import reload_env, use_backend
+from .controls import Scope, reload_env, use_backend
 from .registry import Backend, BackendInfo, register_backend, unregister_backend
 from .router import BackendUnsupportedError, Explanation, Stats, attention_forward, clear_cache, explain, stats
 from .patch import Patch, Site, apply, patched, remove
+from .report import Report, ReportRow
 from .recipes import RecipeError, current_step, step
 
 _backends_pkg.register_builtin()
@@ -53,5 +55,6 @@ def backends() -> List[BackendInfo]:
 __all__ = [
     "attention_forward", "explain", "stats", "backends", "register_backend", "unregister_backend",
     "use_backend", "reload_env", "clear_cache", "apply", "remove", "patched", "Patch", "Site", "Backend", "BackendInfo", "BackendUnsupportedError", "Call",
+    "Report", "ReportRow", "Scope",
     "Explanation", "Stats", "step", "current_step", "RecipeError", "__version__",
 ]

@@ -1,7 +1,15 @@
 """The ``attnpatch`` command: info, inspect, bench, recipe, explain, autotune, demo.
 
-Every subcommand has ``--help``. User errors print one line and a hint to stderr and exit non-zero
-(2 for bad input such as a missing model path, 1 for failures); ``--debug`` shows the traceback.
+Every subcommand has ``--help``; ``attnpatch --version`` prints the version. User errors print one line
+and a hint to stderr and exit non-zero (2 for bad input: a missing model path, a bad option value, a
+missing or invalid recipe, a bad ``ATTNPATCH_*`` variable; 1 for failures); ``--debug`` (anywhere on
+the line) shows the traceback.
+
+JSON, one convention for every command that has it (info, inspect, explain, bench, demo, recipe list):
+``--json`` (or ``--json -``) prints the JSON document to stdout instead of the text; ``--json FILE``
+writes it to FILE and prints the text as usual. Each document has a ``schema_version``. Output paths
+(``--json FILE``, ``--plot FILE``) are checked before any work starts.
+
 Heavy libraries (diffusers, transformers, matplotlib) are imported only by the commands that need them.
 """
 
@@ -59,6 +67,67 @@ def table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
         if j == 0:
             lines.append("  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an int >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an int >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+#: Version of the JSON documents the commands write (bumped when a field changes meaning or goes).
+SCHEMA_VERSION = 1
+
+
+def add_json_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", nargs="?", const="-", metavar="FILE",
+                        help="JSON instead of text: to stdout (no FILE, or -), or to FILE (the text is then "
+                             "printed as usual)")
+
+
+def json_to_stdout(args) -> bool:
+    """Whether the JSON document replaces the text on stdout."""
+    return getattr(args, "json", None) == "-"
+
+
+def check_output_path(path: Optional[str], option: str) -> None:
+    """Fail now (exit 2) when ``path`` cannot be written, before any work is done."""
+    if not path or path == "-":
+        return
+    if os.path.isdir(path):
+        raise CliError(f"{option} {path}: is a folder", "give a file path", EXIT_USAGE)
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise CliError(f"{option} {path}: the folder {folder} does not exist", "create it or give another path",
+                       EXIT_USAGE)
+    if (os.path.exists(path) and not os.access(path, os.W_OK)) or not os.access(folder, os.W_OK):
+        raise CliError(f"{option} {path}: not writable here", "give a path you can write", EXIT_USAGE)
+
+
+def emit_json(args, doc: Dict[str, Any]) -> None:
+    """Print ``doc`` (with its schema version) to stdout or write it to the ``--json`` FILE."""
+    doc = {"schema_version": SCHEMA_VERSION, **doc}
+    if json_to_stdout(args):
+        print(json.dumps(doc, indent=2, default=str))
+        return
+    _write_json(args.json, doc)
+    print(f"wrote {args.json}")
 
 
 _DTYPES = {"float16": "float16", "fp16": "float16", "half": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16",
@@ -121,10 +190,12 @@ def _progress(items: List[Any], desc: str, enabled: bool):
 
 # -- model loading -------------------------------------------------------------------------------------
 
-def load_model(spec: str, trust_remote_code: bool = False, device=None, dtype=None):
+def load_model(spec: str, trust_remote_code: bool = False, device=None, dtype=None, weights: bool = True):
     """Resolve MODEL: a built-in tiny model name, a local folder (diffusers pipeline or model,
     transformers model), or a hub id (needs network). Returns (object, kind, label) with kind
-    "pipeline", "diffusers", "transformers" or "tiny"."""
+    "pipeline", "diffusers", "transformers" or "tiny". A saved model is built as the class it was saved
+    as (`attnpatch.structure`); with ``weights=False`` (inspect, recipe check) it is built from its
+    configs on the meta device, without reading any weight."""
     from . import tiny_models
 
     if spec in tiny_models.NAMES:
@@ -133,7 +204,7 @@ def load_model(spec: str, trust_remote_code: bool = False, device=None, dtype=No
         kind = "pipeline" if spec.endswith("-pipeline") else "tiny"
         return _to(obj, device, dtype), kind, spec
     if os.path.isdir(spec):
-        return _load_local(spec, trust_remote_code, device, dtype)
+        return _load_local(spec, trust_remote_code, device, dtype, weights)
     if os.path.exists(spec):
         raise CliError(f"{spec} is a file; MODEL must be a folder (a diffusers pipeline or model, or a "
                        "transformers model) or a built-in demo model",
@@ -145,7 +216,7 @@ def load_model(spec: str, trust_remote_code: bool = False, device=None, dtype=No
         raise CliError(f"no such model folder: {spec}",
                        f"give a local folder, a hub id (org/name; needs network) or a built-in model: {names}",
                        EXIT_USAGE)
-    return _load_hub(spec, trust_remote_code, device, dtype)
+    return _load_hub(spec, trust_remote_code, device, dtype, weights)
 
 
 def _to(obj, device, dtype):
@@ -164,12 +235,20 @@ def _to(obj, device, dtype):
     return obj.to(**kw)
 
 
-def _load_local(path: str, trust: bool, device, dtype):
+def _load_local(path: str, trust: bool, device, dtype, weights: bool = True):
+    from . import structure
+
     _quiet_libraries()
-    index = os.path.join(path, "model_index.json")
-    config = os.path.join(path, "config.json")
     try:
-        if os.path.isfile(index):
+        kind, cfg = structure.saved_kind(path)
+        if kind == "transformers" and cfg.get("auto_map") and not trust:
+            raise CliError(f"{path} ships its own model code (auto_map in config.json); attnpatch does "
+                           "not run remote code unless asked", "pass --trust-remote-code if you trust it",
+                           EXIT_USAGE)
+        if kind is not None and not weights:
+            obj, kind = structure.load_structure(path, trust)
+            return obj, kind, path
+        if kind == "pipeline":
             import diffusers
 
             pipe = diffusers.DiffusionPipeline.from_pretrained(path, local_files_only=True, trust_remote_code=trust,
@@ -177,29 +256,17 @@ def _load_local(path: str, trust: bool, device, dtype):
             if hasattr(pipe, "set_progress_bar_config"):
                 pipe.set_progress_bar_config(disable=True)
             return _to(pipe, device, None), "pipeline", path
-        if os.path.isfile(config):
-            with open(config, "r", encoding="utf-8") as f:
-                cfg = json.load(f)
-            if "_class_name" in cfg:
-                import diffusers
-
-                model = diffusers.AutoModel.from_pretrained(path, local_files_only=True, trust_remote_code=trust,
-                                                            **({"torch_dtype": dtype} if dtype else {}))
-                return _to(model.eval(), device, None), "diffusers", path
-            if "model_type" in cfg:
-                if cfg.get("auto_map") and not trust:
-                    raise CliError(f"{path} ships its own model code (auto_map in config.json); attnpatch does "
-                                   "not run remote code unless asked", "pass --trust-remote-code if you trust it",
-                                   EXIT_USAGE)
-                import transformers
-
-                model = transformers.AutoModel.from_pretrained(path, local_files_only=True, trust_remote_code=trust,
-                                                               **({"dtype": dtype} if dtype else {}))
-                return _to(model.eval(), device, None), "transformers", path
+        if kind == "diffusers":
+            model = structure.build_diffusers_model(path, cfg, trust, True, dtype)
+            return _to(model.eval(), device, None), "diffusers", path
+        if kind == "transformers":
+            model = structure.build_transformers(path, cfg, trust, True, dtype)
+            return _to(model.eval(), device, None), "transformers", path
     except CliError:
         raise
     except json.JSONDecodeError as exc:
-        raise CliError(f"{config} is not valid JSON: {exc}", "check the file", EXIT_FAIL) from None
+        raise CliError(f"a config file in {path} (model_index.json or config.json) is not valid JSON: {exc}",
+                       "check the file", EXIT_FAIL) from None
     except Exception as exc:  # library loaders raise many types
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if "trust_remote_code" in str(exc):
@@ -212,15 +279,15 @@ def _load_local(path: str, trust: bool, device, dtype):
                    "point MODEL at the folder that holds model_index.json or config.json", EXIT_USAGE)
 
 
-def _load_hub(repo: str, trust: bool, device, dtype):
+def _load_hub(repo: str, trust: bool, device, dtype, weights: bool = True):
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
         raise CliError(f"{repo!r} is not a local folder, and HF_HUB_OFFLINE is set, so the hub cannot be used",
                        "download the model first and pass its folder", EXIT_USAGE)
+    patterns = ["*.json", "*.txt", "*.model", "*.safetensors"] if weights else ["*.json", "*.txt"]
     try:
         from huggingface_hub import snapshot_download
 
-        local = snapshot_download(repo, allow_patterns=["*.json", "*.txt", "*.model", "*.safetensors"],
-                                  etag_timeout=10)
+        local = snapshot_download(repo, allow_patterns=patterns, etag_timeout=10)
     except Exception as exc:
         text = f"{type(exc).__name__}: {exc}"
         offline = any(w in text for w in ("Connection", "resolve", "offline", "Offline", "Timeout", "Max retries",
@@ -231,15 +298,21 @@ def _load_hub(repo: str, trust: bool, device, dtype):
                            EXIT_USAGE) from None
         raise CliError(f"could not fetch {repo!r} from the hub: {text.splitlines()[0]}",
                        "check the id, or give a local folder", EXIT_USAGE) from None
-    return _load_local(local, trust, device, dtype)
+    return _load_local(local, trust, device, dtype, weights)
 
 
 def model_device(obj):
+    """(device, dtype) of the model's first parameter. A model built without weights (on the meta
+    device) answers with the device it would run on here (cuda when present, else cpu) and bfloat16 on
+    cuda, float32 on cpu."""
     import torch
 
     mods = [m for m in getattr(obj, "components", {}).values() if isinstance(m, torch.nn.Module)] or [obj]
     for m in mods:
         for p in m.parameters():
+            if p.device.type == "meta":
+                cuda = torch.cuda.is_available()
+                return torch.device("cuda" if cuda else "cpu"), (torch.bfloat16 if cuda else torch.float32)
             return p.device, p.dtype
     return torch.device("cpu"), torch.float32
 
@@ -273,13 +346,20 @@ def cmd_info(args) -> int:
         except metadata.PackageNotFoundError:
             libs[lib] = None
     info["libraries"] = libs
+    from . import aliases, installs
+
     info["backends"] = [{
-        "name": b.name, "available": b.available, "why_not": b.why_not, "version": b.version, "lossy": b.lossy,
-        "backward": b.backward, "package": b.package, "disabled": b.disabled,
+        "name": b.name, "available": b.available, "why_not": b.why_not or None, "version": b.version,
+        "lossy": b.lossy, "backward": b.backward, "package": b.package, "disabled": b.disabled,
+        "how_to_get": installs.how_to_get(b), "aliases": [a.name for a in aliases.aliases_of(b.name)],
     } for b in attnpatch.backends()]
+    info["extras"] = dict(installs.EXTRAS)
+    info["aliases"] = [{"name": a.name, "origin": a.origin, "backend": a.backend, "note": a.note or None}
+                       for a in aliases.ALIASES]
     if args.json:
-        print(json.dumps(info, indent=2))
-        return 0
+        emit_json(args, info)
+        if json_to_stdout(args):
+            return 0
     print(f"attnpatch {info['attnpatch']}  python {info['python']}  torch {info['torch']}")
     print(f"CUDA {info['cuda'] or 'none (CPU build)'}  cuDNN {info['cudnn'] or 'none'}")
     if info["gpus"]:
@@ -293,41 +373,78 @@ def cmd_info(args) -> int:
              "yes" if b["backward"] else "no", ("DISABLED by ATTNPATCH_DISABLE; " if b["disabled"] else "")
              + (b["why_not"] or "")) for b in info["backends"]]
     print(table(rows, ["backend", "available", "version", "lossy", "backward", "why not"]))
+    missing = [b for b in info["backends"] if not b["available"] and b["how_to_get"]]
+    if missing:
+        print("\nhow to get the backends that are not available here:")
+        width = max(len(b["name"]) for b in missing)
+        for b in missing:
+            print(f"  {b['name'].ljust(width)}  {b['how_to_get']}")
+    print("\nextras (pip install 'attnpatch[EXTRA]'):")
+    width = max(len(k) for k in installs.EXTRAS)
+    for k, what in installs.EXTRAS.items():
+        print(f"  {k.ljust(width)}  {what}")
+    print("\nnames from other libraries (any case; reports and stats show attnpatch's name):")
+    by_backend: Dict[str, List[str]] = {}
+    for name, origin, backend, _note in aliases.describe_table():
+        if backend != "-":
+            by_backend.setdefault(backend, []).append(f"{name} ({origin})")
+    width = max(len(k) for k in by_backend)
+    for backend, names in by_backend.items():
+        print(f"  {backend.ljust(width)}  <- {', '.join(names)}")
+    print("  refused (no attnpatch backend runs that kernel):")
+    for a in aliases.ALIASES:
+        if a.backend is None:
+            print(f"    {a.name} ({a.origin}): {a.note}")
     return 0
 
 
 # -- inspect ---------------------------------------------------------------------------------------------
 
-def _auto_pick(site_row, scope, device, dtype, cache) -> str:
-    """What the router would choose for a representative call of this site (1 x heads x 1024 x d)."""
+def _auto_pick(site: Dict[str, Any], device, dtype, cache) -> Tuple[Optional[str], Optional[str]]:
+    """(backend, None) the router would choose for a representative call of this site (1 x heads x 1024
+    x head_dim) under the rule that holds when no step is known (the last candidate), or (None, why not)."""
     import torch
 
     import attnpatch
+    from .controls import Scope
 
-    heads, kv, d = site_row.get("heads"), site_row.get("kv_heads") or site_row.get("heads"), site_row.get("head_dim")
-    if not heads or not d or scope is None:
-        return "?"
-    key = (heads, kv, d, scope.backends, scope.allow_lossy)
+    heads, d = site["heads"], site["head_dim"]
+    kv = site["kv_heads"] or heads
+    if not site["routed"]:
+        return None, None
+    if not heads or not d:
+        return None, "heads or head_dim unknown for this site"
+    cand = site["candidates"][-1]
+    names = () if cand["backend"] == ["auto"] else tuple(cand["backend"])
+    key = (heads, kv, d, names, cand["allow_lossy"])
     if key not in cache:
         try:
             q = torch.randn(1, heads, 1024, d, device=device, dtype=dtype)
             k = torch.randn(1, kv, 1024, d, device=device, dtype=dtype)
-            cache[key] = attnpatch.explain(q, k, k, site=scope).backend
+            scope = Scope(backends=names, allow_lossy=cand["allow_lossy"])
+            cache[key] = (attnpatch.explain(q, k, k, site=scope).backend, None)
         except Exception as exc:
-            cache[key] = f"none ({type(exc).__name__})"
+            cache[key] = (None, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
     return cache[key]
 
 
-def _site_rows(target, recipe, backend, allow_lossy):
+def _site_docs(target, recipe, backend, allow_lossy):
+    """(recipe or None, one dict per site as `attnpatch inspect --json` writes it: data, no display text)."""
     from . import recipes
-    from .controls import Scope
 
     rec, rows = recipes.explain_sites(target, recipe=recipe, backend=backend, allow_lossy=allow_lossy)
+    docs = []
     for r in rows:
-        b = r["backend"].split(" | ")[-1]
-        r["_scope"] = None if b == "(left alone)" or not r["routed"] else Scope(
-            backends=() if b == "auto" else tuple(b.split(",")), allow_lossy=bool(r.get("allow_lossy")))
-    return rec, rows
+        cands = r["candidates"]
+        left_alone = r["rule"] if r["routed"] and not cands else None
+        docs.append({
+            "path": r["path"], "component": r["component"] or None, "adapter": r["adapter"], "kind": r["kind"],
+            "heads": r["heads"], "kv_heads": r["kv_heads"], "head_dim": r["head_dim"],
+            "module_class": r["module_class"], "routed": bool(r["routed"] and cands),
+            "left_alone": left_alone, "not_routable": None if r["routed"] else (r["note"] or "not routable"),
+            "candidates": cands, "picks": None, "picks_error": None,
+        })
+    return rec, docs
 
 
 def _recipe_arg(args):
@@ -336,40 +453,79 @@ def _recipe_arg(args):
     return getattr(args, "recipe", None)
 
 
+def _candidates_text(site: Dict[str, Any]) -> Tuple[str, str, str]:
+    """(rule, backend, steps) columns of `attnpatch inspect` for one site."""
+    cands = site["candidates"]
+    if site["left_alone"]:
+        return site["left_alone"], "(left alone)", ""
+    if not cands:
+        return "-", "-", ""
+    rule = " | ".join(c["rule"] for c in cands)
+    backend = " | ".join(",".join(c["backend"]) for c in cands) + (
+        " (lossy ok)" if any(c["allow_lossy"] for c in cands) else "")
+    steps = " | ".join(f"steps {c['steps']}" if c["steps"] else "other steps" for c in cands) if len(cands) > 1 else ""
+    return rule, backend, steps
+
+
 def cmd_inspect(args) -> int:
     _quiet_libraries()
-    obj, kind, label = load_model(args.model, args.trust_remote_code)
+    check_output_path(args.json, "--json")
+    obj, kind, label = load_model(args.model, args.trust_remote_code, weights=False)
     device, dtype = model_device(obj)
-    rec, rows = _site_rows(obj, _recipe_arg(args), args.backend, args.allow_lossy)
-    cache: Dict[Any, str] = {}
-    for r in rows:
-        r["picks"] = _auto_pick(r, r["_scope"], device, dtype, cache) if r["_scope"] is not None else "-"
+    rec, sites = _site_docs(obj, _recipe_arg(args), args.backend, args.allow_lossy)
+    cache: Dict[Any, Tuple[Optional[str], Optional[str]]] = {}
+    for site in sites:
+        site["picks"], site["picks_error"] = _auto_pick(site, device, dtype, cache)
+    dt = str(dtype).replace("torch.", "")
+    chosen = _recipe_arg(args) is None
+    skipped = getattr(obj, "skipped", {}) or {}
     if args.json:
-        out = {"model": label, "kind": kind, "recipe": rec.name if rec else None,
-               "sites": [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]}
-        print(json.dumps(out, indent=2, default=str))
-        return 0
-    print(f"model: {label} ({type(obj).__name__}, {kind}) on {device}, {str(dtype).replace('torch.', '')}")
+        emit_json(args, {
+            "model": label, "kind": kind, "class": getattr(obj, "class_name", None) or type(obj).__name__,
+            "recipe": rec.name if rec else None, "recipe_chosen_automatically": chosen if rec else None,
+            "recipe_lossy": rec.lossy if rec else None,
+            "backend": None if rec else list(_names_or_auto(args.backend, "--backend")),
+            "picks_for": {"shape": "1 x heads x 1024 x head_dim", "device": device.type, "dtype": dt},
+            "components_not_built": skipped, "sites": sites,
+        })
+        if json_to_stdout(args):
+            return 0
+    built = "built-in, random weights" if label in _tiny_names() else "structure only, no weights loaded"
+    print(f"model: {label} ({getattr(obj, 'class_name', None) or type(obj).__name__}, {kind}; {built})")
+    if skipped:
+        print("not built (no attention to route): " + ", ".join(f"{k} ({v})" for k, v in skipped.items()))
     if rec is not None:
-        print(f"recipe: {rec.name}" + (" (chosen automatically)" if _recipe_arg(args) is None else "")
-              + (f" — LOSSY" if rec.lossy else ""))
+        print(f"recipe: {rec.name}" + (" (chosen automatically)" if chosen else "") + (" — LOSSY" if rec.lossy else ""))
     else:
-        print("recipe: none" + (" matches this model" if _recipe_arg(args) is None else "")
-              + f"; every site gets backend={args.backend}")
-    if not rows:
+        print("recipe: none" + (" matches this model" if chosen else "") + f"; every site gets backend={args.backend}")
+    if not sites:
         print("no attention sites found")
         return 0
     trows = []
-    for r in rows:
-        routed = "yes" if r["routed"] else ("no: " + r["note"] if r["note"] else "no")
-        trows.append((r["path"], r["kind"], r["heads"] or "?", r["head_dim"] or "?", r["adapter"], routed,
-                      r["rule"], r["backend"] + (" (lossy ok)" if r.get("allow_lossy") else ""),
-                      r.get("steps") or "", r["picks"]))
+    for site in sites:
+        rule, backend, steps = _candidates_text(site)
+        routed = "yes" if site["routed"] else ("no: " + site["not_routable"] if site["not_routable"] else "no")
+        pick = site["picks"] or (f"none ({site['picks_error']})" if site["picks_error"] else ("?" if site["routed"] else "-"))
+        trows.append((site["path"], site["kind"], site["heads"] or "?", site["head_dim"] or "?", site["adapter"], routed,
+                      rule, backend, steps, pick))
     print(table(trows, ["site", "kind", "heads", "head_dim", "adapter", "routed", "rule", "backend", "steps",
-                        f"picks (1x h x 1024 x d, {str(dtype).replace('torch.', '')})"]))
-    n_routed = sum(1 for r in rows if r["routed"] and r["_scope"] is not None)
-    print(f"\n{len(rows)} sites, {n_routed} would be routed")
+                        f"picks (1x h x 1024 x d, {dt} on {device.type})"]))
+    n_routed = sum(1 for site in sites if site["routed"])
+    print(f"\n{len(sites)} sites, {n_routed} would be routed")
     return 0
+
+
+def _names_or_auto(spec: str, option: str) -> Tuple[str, ...]:
+    """Canonical backend names of an option (["auto"] for auto)."""
+    from . import controls
+
+    return controls.normalise_backends(spec, option) or ("auto",)
+
+
+def _tiny_names():
+    from . import tiny_models
+
+    return tiny_models.NAMES
 
 
 # -- explain --------------------------------------------------------------------------------------------
@@ -392,9 +548,10 @@ def _make_inputs(shape, dtype, device, kv_heads=None, seq_kv=None, mask="none", 
         m[..., 0] = True
     elif mask == "additive":
         m = (torch.randn(b, 1, s, sk, generator=g) * 0.5).to(device=device, dtype=dtype)
-    elif mask == "padding":
-        m = torch.ones(b, sk, dtype=torch.bool)
-        m[:, sk - max(1, sk // 8):] = False
+    elif mask == "padding":  # a key-padding mask, 4-D (b, 1, 1, s_kv): a 2-D one is ambiguous when b == s_q
+        m = torch.ones(b, 1, 1, sk, dtype=torch.bool)
+        if sk > 1:
+            m[..., sk - max(1, sk // 8):] = False
         m = m.to(device)
     elif mask != "none":
         raise CliError(f"unknown --mask {mask!r}", "use none, bool, additive or padding", EXIT_USAGE)
@@ -417,16 +574,18 @@ def _lossy_scope(allow_lossy: bool, strict: bool = False):
 def cmd_explain(args) -> int:
     import attnpatch
 
+    check_output_path(args.json, "--json")
     shape = parse_shape(args.shape)
     q, k, v, m = _make_inputs(shape, _dtype(args.dtype), _device(args.device), args.kv_heads, args.seq_kv, args.mask,
                               args.layout)
     with _lossy_scope(args.allow_lossy, args.strict):
         e = attnpatch.explain(q, k, v, layout=args.layout, attn_mask=m, is_causal=args.causal, backend=args.backend)
     if args.json:
-        print(json.dumps({"call": e.call.describe(), "backend": e.backend, "source": e.source,
-                          "requested": list(e.requested), "fallback": [list(f) for f in e.fallback],
-                          "reasons": e.reasons}, indent=2))
-        return 0
+        emit_json(args, {"call": e.call.describe(), "backend": e.backend, "source": e.source,
+                         "requested": list(e.requested),
+                         "fallback": [{"from": n, "reason": why} for n, why in e.fallback], "reasons": e.reasons})
+        if json_to_stdout(args):
+            return 0
     print(e)
     return 0
 
@@ -584,8 +743,12 @@ def cmd_bench(args) -> int:
     import torch.nn.functional as F
 
     import attnpatch
-    from . import registry
+    from . import controls
 
+    check_output_path(args.json, "--json")
+    check_output_path(args.plot, "--plot")
+    if args.plot:
+        _matplotlib()  # fail now, not after the run
     device = _device(args.device)
     if args.model:
         cases = _captured_shapes(args)
@@ -597,11 +760,13 @@ def cmd_bench(args) -> int:
         cases = [dict(shape=parse_shape(s), kv_heads=None, seq_kv=None, dtype=dt, causal=args.causal, mask=args.mask,
                       calls=None) for s in args.shape]
     if args.backends:
-        names = [n.strip() for n in args.backends.split(",") if n.strip()]
         try:
-            registry.check_names(names, "--backends")
+            names = list(controls.normalise_backends(args.backends, "--backends") or ())
         except ValueError as exc:
             raise CliError(str(exc), "`attnpatch info` lists the backends", EXIT_USAGE) from None
+        if not names:
+            raise CliError("--backends auto: bench times named backends (auto's pick is marked with *)",
+                           "leave --backends out to time every available backend", EXIT_USAGE)
     else:
         names = [b.name for b in attnpatch.backends() if b.available and not b.disabled]
     work = [(c, n) for c in cases for n in names]
@@ -661,19 +826,44 @@ def cmd_bench(args) -> int:
         med = statistics.median(times)
         ref = refs[i]
         err = (out.float() - ref).norm().item() / max(ref.norm().item(), 1e-30)
-        row.update(median_ms=med * 1e3, tflops=_flops(b, h, s, sk, d, c["causal"]) / med / 1e12, relerr=err)
+        row.update(median_ms=med * 1e3, tflops=_flops(b, h, s, sk, d, c["causal"]) / med / 1e12, relerr=err,
+                   **spread(times))
         results.append(row)
     doc = {"device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else
            platform.processor() or platform.machine(), "torch": torch.__version__, "warmup": args.warmup,
-           "repeat": args.repeat, "model": args.model, "results": results}
-    _print_bench(results)
+           "repeat": args.repeat, "model": args.model, "spread_warn_above": SPREAD_WARN, "results": results}
+    quiet = json_to_stdout(args)
+    if not quiet:
+        _print_bench(results)
+    noisy = [r for r in results if r["eligible"] and r["spread"] is not None and r["spread"] > SPREAD_WARN]
+    for r in noisy:
+        print(f"attnpatch: warning: {_case_label(r)} {r['backend']}: times spread by {r['spread']:.0%} of the median "
+              f"(IQR; min {r['min_ms']:.3f} ms, max {r['max_ms']:.3f} ms over {args.repeat} runs); the machine is "
+              "busy or the runs are too short: compare with care, or use more --warmup/--repeat", file=sys.stderr)
     if args.json:
-        _write_json(args.json, doc)
-        print(f"\nwrote {args.json}")
+        if not quiet:
+            print()
+        emit_json(args, doc)
     if args.plot:
         _plot_bench(results, args.plot, doc)
-        print(f"wrote {args.plot}")
+        print(f"wrote {args.plot}", file=sys.stderr if quiet else sys.stdout)
     return 0
+
+
+#: `attnpatch bench` warns when a backend's interquartile range of times exceeds this share of its median.
+SPREAD_WARN = 0.10
+
+
+def spread(times: List[float]) -> Dict[str, Optional[float]]:
+    """min / max / quartiles (ms) of ``times`` (seconds) and ``spread`` = IQR / median (None for fewer than
+    two runs)."""
+    ms = sorted(t * 1e3 for t in times)
+    out: Dict[str, Optional[float]] = {"min_ms": ms[0], "max_ms": ms[-1], "q1_ms": None, "q3_ms": None, "spread": None}
+    if len(ms) >= 2:
+        q1, _q2, q3 = statistics.quantiles(ms, n=4, method="inclusive")
+        med = statistics.median(ms)
+        out.update(q1_ms=q1, q3_ms=q3, spread=(q3 - q1) / med if med > 0 else None)
+    return out
 
 
 def _case_label(r) -> str:
@@ -694,13 +884,17 @@ def _print_bench(results) -> None:
     rows = []
     for r in results:
         if r["eligible"]:
+            spread_txt = f"±{r['spread'] / 2:.0%}" if r["spread"] is not None else "-"
             rows.append((_case_label(r), r["backend"] + (" *" if r["auto"] else ""), f"{r['median_ms']:.3f}",
-                         f"{r['tflops']:.3f}", f"{r['relerr']:.1e}", ""))
+                         spread_txt, f"{r['min_ms']:.3f}-{r['max_ms']:.3f}", f"{r['tflops']:.3f}",
+                         f"{r['relerr']:.1e}", ""))
         else:
-            rows.append((_case_label(r), r["backend"] + (" *" if r["auto"] else ""), "-", "-", "-",
+            rows.append((_case_label(r), r["backend"] + (" *" if r["auto"] else ""), "-", "-", "-", "-", "-",
                          "; ".join(r["reasons"])[:90]))
-    print(table(rows, ["shape (b x h x s x d)", "backend", "median ms", "TFLOP/s", "rel.err", "not run because"]))
-    print("* = the backend auto picks for this call; rel.err = |out - fp32/fp64 reference| / |reference|")
+    print(table(rows, ["shape (b x h x s x d)", "backend", "median ms", "spread", "min-max ms", "TFLOP/s", "rel.err",
+                       "not run because"]))
+    print("* = the backend auto picks for this call; spread = ± half the interquartile range, relative to the "
+          "median; rel.err = |out - fp32/fp64 reference| / |reference|")
 
 
 def _write_json(path: str, doc) -> None:
@@ -712,14 +906,21 @@ def _write_json(path: str, doc) -> None:
                        EXIT_FAIL) from None
 
 
-def _plot_bench(results, path: str, doc) -> None:
+def _matplotlib():
+    """matplotlib.pyplot with the Agg backend, or a CliError naming the extra."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise CliError("--plot needs matplotlib", "pip install matplotlib", EXIT_FAIL) from None
+        raise CliError("--plot needs matplotlib, which is not installed",
+                       "pip install 'attnpatch[plot]' (or leave --plot out)", EXIT_USAGE) from None
+    return plt
+
+
+def _plot_bench(results, path: str, doc) -> None:
+    plt = _matplotlib()
     cases = list(dict.fromkeys(_case_label(r) for r in results))
     backends = list(dict.fromkeys(r["backend"] for r in results))
     fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(cases) * max(1, len(backends)) ** 0.5 + 2), 4.8))
@@ -759,16 +960,45 @@ def _plot_bench(results, path: str, doc) -> None:
 
 # -- recipe --------------------------------------------------------------------------------------------
 
+def recipe_source(arg: str) -> Tuple[str, str]:
+    """("file", path) or ("shipped", name) for a recipe argument of the CLI: an argument that looks like a
+    path (it has a folder separator or ends in .yaml/.yml) or names an existing file is a file (it must
+    exist); anything else is a shipped recipe's name. So ``flux`` is the shipped recipe even where a file
+    ``flux.yaml`` exists, and ``flux.yaml`` is that file (an error when there is none)."""
+    path_like = os.sep in arg or "/" in arg or arg.endswith((".yaml", ".yml"))
+    if path_like or os.path.isfile(arg):
+        if not os.path.isfile(arg):
+            from . import recipes
+
+            shipped = arg.rsplit("/", 1)[-1].rsplit(os.sep, 1)[-1]
+            shipped = shipped[: -len(".yaml")] if shipped.endswith(".yaml") else shipped
+            hint = (f"for the shipped recipe give its name: {shipped}" if shipped in recipes.shipped_names()
+                    else "give a path to a recipe file or a shipped name (`attnpatch recipe list`)")
+            raise CliError(f"no such recipe file: {arg}", hint, EXIT_USAGE)
+        return "file", arg
+    return "shipped", arg
+
+
+def _load_recipe_arg(arg: str):
+    from . import recipes
+
+    where, value = recipe_source(arg)
+    return recipes.load_file(value) if where == "file" else recipes.shipped(value)
+
+
 def cmd_recipe(args) -> int:
     from . import recipes
 
     if args.recipe_cmd == "list":
+        check_output_path(args.json, "--json")
         rs = recipes.all_shipped()
         if args.json:
-            print(json.dumps([{"name": r.name, "lossy": r.lossy, "description": r.description,
-                               "class_names": list(r.match.class_names), "model_types": list(r.match.model_types),
-                               "rules": [x.name for x in r.rules]} for r in rs], indent=2))
-            return 0
+            emit_json(args, {"recipes": [{
+                "name": r.name, "lossy": r.lossy, "description": r.description,
+                "class_names": list(r.match.class_names), "model_types": list(r.match.model_types),
+                "rules": [x.name for x in r.rules]} for r in rs]})
+            if json_to_stdout(args):
+                return 0
         rows = []
         for r in rs:
             matches = ", ".join(list(r.match.class_names)[-1:] + list(r.match.model_types)[:3])
@@ -778,23 +1008,22 @@ def cmd_recipe(args) -> int:
         print("\n`attnpatch recipe show NAME` prints one; apply(model) picks an exact one that matches by itself.")
         return 0
     if args.recipe_cmd == "show":
-        target = args.name
-        rec = recipes.load(target)
-        path = recipes.shipped_path(rec.name) if rec.source == f"{rec.name}.yaml" else target
+        where, value = recipe_source(args.name)
+        rec = _load_recipe_arg(args.name)  # validates
+        path = recipes.shipped_path(rec.name) if where == "shipped" else value
         with open(path, "r", encoding="utf-8") as f:
             text = f.read()
-        print(f"# {path}")
+        print(f"# {path}" + (" (shipped)" if where == "shipped" else ""))
         print(text.rstrip())
         return 0
     if args.recipe_cmd == "check":
-        rec = recipes.load_file(args.file) if not isinstance(args.file, str) or os.path.exists(args.file) or \
-            args.file.endswith((".yaml", ".yml")) else recipes.load(args.file)
+        rec = _load_recipe_arg(args.file)
         print(f"{args.file}: valid recipe {rec.name!r} (version {rec.version}, {len(rec.rules)} rules"
               + (", LOSSY" if rec.lossy else "") + ")")
         if not args.model:
             return 0
         _quiet_libraries()
-        obj, kind, label = load_model(args.model, args.trust_remote_code)
+        obj, kind, label = load_model(args.model, args.trust_remote_code, weights=False)
         from . import patch as _patch
 
         sites = _patch.discover(obj)
@@ -807,7 +1036,8 @@ def cmd_recipe(args) -> int:
             state = f"{n} sites" if n else ("no sites" if plan.applicable(r) else "not applicable (component absent)")
             print(f"  rule {r.name}: {state}")
         excluded = len(plan.excluded) + sum(1 for s in sites if s.component in plan.skip_components)
-        print(f"  {len(sites)} sites in {label}; {excluded} left alone by exclude")
+        print(f"  {len(sites)} sites in {label} ({getattr(obj, 'class_name', None) or type(obj).__name__}); "
+              f"{excluded} left alone by exclude")
         if msgs:
             for m in msgs:
                 print(f"attnpatch: warning: {m}", file=sys.stderr)
@@ -852,13 +1082,16 @@ def cmd_demo(args) -> int:
     import attnpatch
 
     _quiet_libraries()
+    check_output_path(args.json, "--json")
+    quiet = json_to_stdout(args)
+    say = (lambda *a: print(*a, file=sys.stderr)) if quiet else print
     device = _device(args.device)
     dtype = _dtype(args.dtype) if args.dtype else None
     spec = args.model or "tiny-sd15-pipeline"
     obj, kind, label = load_model(spec, args.trust_remote_code, device=device, dtype=dtype)
     dev, dt = model_device(obj)
-    print(f"attnpatch demo: {label} ({type(obj).__name__}) on {dev}"
-          + (f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else "") + f", {str(dt).replace('torch.', '')}")
+    say(f"attnpatch demo: {label} ({type(obj).__name__}) on {dev}"
+        + (f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else "") + f", {str(dt).replace('torch.', '')}")
     steps, size = args.steps, args.size
 
     def run():
@@ -874,7 +1107,7 @@ def cmd_demo(args) -> int:
             t0 = time.perf_counter()
             run()
             ts.append(time.perf_counter() - t0)
-        return out, statistics.median(ts)
+        return out, ts
 
     ref, t_stock = timed()
     attnpatch.stats(reset=True)
@@ -882,32 +1115,45 @@ def cmd_demo(args) -> int:
     try:
         out, t_patched = timed()
         report = patch.report()
-        rows = []
-        for r in report.rows:
-            s = r.site
-            used = ", ".join(f"{n}×{c}" for n, c in sorted(r.calls.items())) or (
-                "(left alone)" if not s.routed else "not called")
-            for (a, b, why), c in sorted(r.fallbacks.items()):
-                used += f"; fell back {a}->{b}: {why}"
-            rows.append((s.path, s.kind, s.heads or "?", s.head_dim or "?",
-                         s.rule or "-", used if s.routed else f"not routed: {s.note}"))
-        recipe_line = patch.recipe_name or "none (every site: backend=" + str(args.backend) + ")"
+        recipe_line = patch.recipe_name or "none (every site: backend=" + str(patch.settings.backend) + ")"
     finally:
         patch.remove()
+    rows = []
+    for r in report.rows:
+        s = r.site
+        used = r.ran()
+        for (a, b, why), c in sorted(r.fallbacks.items()):
+            used += f"; fell back {a}->{b}: {why}"
+        rows.append((s.path, s.kind, s.heads or "?", s.head_dim or "?", s.rule or "-",
+                     used if s.routed else f"not routed: {s.note}"))
     diff = (out.float() - ref.float()).abs().max().item() if out.shape == ref.shape else float("nan")
     scale = ref.float().abs().max().item()
+    n_calls = sum(attnpatch.stats().calls.values())
+    tol = 1e-3 if dt in (torch.float32, torch.float64) else 5e-2
+    ok = math.isfinite(diff) and diff <= tol * max(1.0, scale)
+    if args.json:
+        emit_json(args, {
+            "model": label, "kind": kind, "class": type(obj).__name__, "device": str(dev),
+            "dtype": str(dt).replace("torch.", ""), "steps": steps if kind == "pipeline" else None,
+            "recipe": patch.recipe_name, "left_alone": list(patch.left_alone), "repeat": args.repeat,
+            "stock": {"median_ms": statistics.median(t_stock) * 1e3, **spread(t_stock)},
+            "patched": {"median_ms": statistics.median(t_patched) * 1e3, **spread(t_patched)},
+            "attention_calls_routed": n_calls,
+            "max_abs_diff": diff if math.isfinite(diff) else None, "output_max_abs": scale,
+            "tolerance": tol, "outputs_match": ok, "sites": report.as_dicts(),
+        })
+        if quiet:
+            return 0 if ok else EXIT_FAIL
     print(f"recipe: {recipe_line}")
     if patch.left_alone:
         print(f"left alone (not patched): {', '.join(patch.left_alone)}")
     print()
     print(table(rows, ["site", "kind", "heads", "head_dim", "rule", "backend used (calls)"]))
     print()
-    n_calls = sum(attnpatch.stats().calls.values())
-    print(f"stock:   {t_stock * 1e3:9.1f} ms per run (median of {args.repeat})")
-    print(f"patched: {t_patched * 1e3:9.1f} ms per run ({n_calls} attention calls routed in {args.repeat + 1} runs)")
+    print(f"stock:   {statistics.median(t_stock) * 1e3:9.1f} ms per run (median of {args.repeat})")
+    print(f"patched: {statistics.median(t_patched) * 1e3:9.1f} ms per run ({n_calls} attention calls routed in "
+          f"{args.repeat + 1} runs)")
     print(f"largest output difference: {diff:.3e} (output magnitude {scale:.3e})")
-    tol = 1e-3 if dt in (torch.float32, torch.float64) else 5e-2
-    ok = math.isfinite(diff) and diff <= tol * max(1.0, scale)
     print("outputs match" if ok else f"outputs DIFFER by more than {tol:g} (relative)")
     return 0 if ok else EXIT_FAIL
 
@@ -918,7 +1164,14 @@ class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors plus a hint (exit 2)."""
 
     def error(self, message):
-        self.exit(EXIT_USAGE, f"attnpatch: error: {message}\n  hint: {self.prog} --help\n")
+        hint = f"{self.prog} --help"
+        if "the following arguments are required" in message and "--json" in sys.argv[1:] + _ARGV:
+            hint = "--json takes an optional FILE: put it after the other arguments, or write --json=- " + \
+                   f"for stdout ({hint})"
+        self.exit(EXIT_USAGE, f"attnpatch: error: {message}\n  hint: {hint}\n")
+
+
+_ARGV: List[str] = []  # the arguments main() parses (for error hints)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -926,13 +1179,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _Parser(prog="attnpatch", description="Run models' attention on the fastest correct kernel: "
                 "inspect, benchmark, explain, and try it on a demo model.")
-    p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    p.add_argument("--debug", action="store_true", help="show tracebacks for errors (accepted anywhere on the line)")
+    p.add_argument("--version", action="version", version=f"attnpatch {_version()}")
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=_Parser)
 
     s = sub.add_parser("info", help="versions, GPU and every backend's availability",
                        description="torch / CUDA / cuDNN versions, the GPUs and their compute capability, and every "
                                    "backend: available?, why not, version, lossy?, backward?")
-    s.add_argument("--json", action="store_true", help="print JSON")
+    add_json_option(s)
     s.set_defaults(func=cmd_info)
 
     models_help = ("MODEL: a local folder (diffusers pipeline with model_index.json, diffusers or transformers model "
@@ -948,7 +1202,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--backend", default="auto", help="backend for sites no rule sets (default auto)")
     s.add_argument("--allow-lossy", action="store_true", help="let auto pick lossy kernels")
     s.add_argument("--trust-remote-code", action="store_true", help="allow a model folder's own Python code to run")
-    s.add_argument("--json", action="store_true", help="print JSON")
+    add_json_option(s)
     s.set_defaults(func=cmd_inspect)
 
     s = sub.add_parser("bench", help="time backends on shapes or on a model's captured shapes",
@@ -962,11 +1216,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--mask", default="none", choices=["none", "bool", "additive", "padding"], help="mask kind")
     s.add_argument("--backends", help="comma-separated backends to time (default: every available one)")
     s.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda if present)")
-    s.add_argument("--warmup", type=int, default=2, help="untimed runs per backend (default 2)")
-    s.add_argument("--repeat", type=int, default=10, help="timed runs per backend (default 10)")
+    s.add_argument("--warmup", type=non_negative_int, default=2, help="untimed runs per backend (default 2)")
+    s.add_argument("--repeat", type=positive_int, default=10,
+                   help="timed runs per backend (default 10); the spread across them is reported")
     s.add_argument("--allow-lossy", action="store_true", help="let auto pick lossy kernels (the * column)")
-    s.add_argument("--json", metavar="FILE", help="write the results as JSON")
-    s.add_argument("--plot", metavar="FILE.png", help="write a bar chart (needs matplotlib)")
+    add_json_option(s)
+    s.add_argument("--plot", metavar="FILE.png", help="write a bar chart (needs matplotlib: attnpatch[plot])")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.add_argument("--trust-remote-code", action="store_true", help="allow a model folder's own Python code to run")
     s.set_defaults(func=cmd_bench)
@@ -975,8 +1230,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Recipes say which backend each attention site of a model gets (YAML).")
     rs = s.add_subparsers(dest="recipe_cmd", metavar="SUBCOMMAND", parser_class=_Parser)
     r = rs.add_parser("list", help="the shipped recipes", description="List the shipped recipes.")
-    r.add_argument("--json", action="store_true", help="print JSON")
-    r = rs.add_parser("show", help="print a recipe", description="Print a shipped recipe (by name) or a recipe file.")
+    add_json_option(r)
+    r = rs.add_parser("show", help="print a recipe",
+                      description="Print a shipped recipe (by name) or a recipe file (a path: it has a folder "
+                                  "separator or ends in .yaml/.yml, or names an existing file).")
     r.add_argument("name", metavar="NAME")
     r = rs.add_parser("check", help="validate a recipe file (and match it against a model)",
                       description="Validate FILE; with --model, also list how many sites each rule selects and warn "
@@ -992,8 +1249,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "choice came from (argument, use_backend, ATTNPATCH_BACKEND, auto), and every "
                                    "other backend's reasons.")
     s.add_argument("--shape", required=True, help="b,h,s,d of the query")
-    s.add_argument("--kv-heads", type=int, help="key/value heads (GQA); default: the query heads")
-    s.add_argument("--seq-kv", type=int, help="key/value length; default: the query length")
+    s.add_argument("--kv-heads", type=positive_int, help="key/value heads (GQA); default: the query heads")
+    s.add_argument("--seq-kv", type=positive_int, help="key/value length; default: the query length")
     s.add_argument("--dtype", default="float32", help="float16, bfloat16, float32 (default float32)")
     s.add_argument("--device", default="auto", help="cpu, cuda (default: cuda if present)")
     s.add_argument("--layout", default="bnsd", choices=["bnsd", "bsnd"], help="tensor layout")
@@ -1002,7 +1259,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--backend", help="a backend name or comma-separated priority list to ask for")
     s.add_argument("--allow-lossy", action="store_true", help="let auto pick lossy kernels")
     s.add_argument("--strict", action="store_true", help="fail instead of falling back")
-    s.add_argument("--json", action="store_true", help="print JSON")
+    add_json_option(s)
     s.set_defaults(func=cmd_explain)
 
     s = sub.add_parser("autotune", help="show or clear the autotune cache",
@@ -1023,16 +1280,38 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--allow-lossy", action="store_true", help="let auto pick lossy kernels")
     s.add_argument("--device", default="auto", help="cpu, cuda (default: cuda if present)")
     s.add_argument("--dtype", help="cast the model (default: as built/saved)")
-    s.add_argument("--steps", type=int, default=4, help="denoising steps for pipelines (default 4)")
-    s.add_argument("--size", type=int, help="image size for pipelines")
-    s.add_argument("--repeat", type=int, default=3, help="timed runs of each, after one warm-up (default 3)")
+    s.add_argument("--steps", type=positive_int, default=4, help="denoising steps for pipelines (default 4)")
+    s.add_argument("--size", type=positive_int, help="image size for pipelines")
+    s.add_argument("--repeat", type=positive_int, default=3, help="timed runs of each, after one warm-up (default 3)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--trust-remote-code", action="store_true", help="allow a model folder's own Python code to run")
+    add_json_option(s)
     s.set_defaults(func=cmd_demo)
     return p
 
 
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _check_environment() -> None:
+    """Bad ATTNPATCH_* values are bad input: say which variable and what is allowed (exit 2)."""
+    from . import controls
+
+    try:
+        controls.read_env()
+    except ValueError as exc:
+        raise CliError(str(exc).splitlines()[0], "fix or unset the variable (the README lists the values)",
+                       EXIT_USAGE) from None
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("ATTNPATCH_DEBUG", "") == "1"
+    argv = [a for a in argv if a != "--debug"]  # accepted anywhere on the line
+    _ARGV[:] = argv
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "cmd", None):
@@ -1041,8 +1320,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.cmd == "recipe" and not getattr(args, "recipe_cmd", None):
         _print_error("recipe needs a subcommand: list, show NAME or check FILE", "attnpatch recipe --help")
         return EXIT_USAGE
-    debug = args.debug or os.environ.get("ATTNPATCH_DEBUG", "") == "1"
     try:
+        _check_environment()
         return int(args.func(args) or 0)
     except CliError as exc:
         _print_error(str(exc), exc.hint)
@@ -1058,9 +1337,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         if debug:
             raise
-        if isinstance(exc, RecipeError):
+        if isinstance(exc, RecipeError):  # a missing or invalid recipe is bad input
             _print_error(str(exc), "`attnpatch recipe --help`; the format is in the README (Recipes)")
-            return EXIT_FAIL
+            return EXIT_USAGE
         if isinstance(exc, BackendUnsupportedError):
             lines = str(exc).splitlines()
             _print_error(lines[0], "; ".join(l.strip() for l in lines[1:4]))

@@ -19,9 +19,9 @@ import itertools
 import threading
 import weakref
 from dataclasses import dataclass, field
-from typing import Iterator, Optional, Sequence, Tuple, Union
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
-from . import registry
+from . import aliases
 
 logger = logging.getLogger("attnpatch")
 
@@ -70,30 +70,47 @@ _CONTEXT: contextvars.ContextVar = contextvars.ContextVar("attnpatch_context", d
 
 
 def normalise_backends(spec: BackendSpec, source: str) -> Optional[Tuple[str, ...]]:
-    """Turn a name, a comma-separated string or a list into a tuple of names.
+    """Turn a name, a comma-separated string or a list into a tuple of canonical backend names.
 
-    Returns None for "no opinion" (``spec is None``) and `AUTO` (an empty tuple) for ``"auto"``.
-    Duplicates are removed in order; unknown names raise ValueError naming ``source``."""
+    Returns None for "no opinion" (``spec is None``) and `AUTO` (an empty tuple) for ``"auto"``. Names
+    are case-insensitive and may be other libraries' names (`attnpatch.aliases`); duplicates are removed
+    in order. Unknown names, names with whitespace and empty list entries raise ValueError naming
+    ``source``, with the closest valid name."""
     if spec is None:
         return None
     if isinstance(spec, str):
-        names = [s.strip() for s in spec.split(",") if s.strip()]
+        names = split_names(spec, source)
     elif isinstance(spec, (list, tuple)):
-        names = []
-        for s in spec:
+        names = list(spec)
+        for s in names:
             if not isinstance(s, str):
                 raise TypeError(f"{source}: backend names must be strings, got {type(s).__name__} {s!r}")
-            names.append(s.strip())
     else:
         raise TypeError(f"{source}: backend must be a name, a list of names or None, got {type(spec).__name__}")
     if not names:
         raise ValueError(f"{source}: empty backend list; give a name such as 'sdpa' or 'auto'")
+    names = [aliases.canonical(n, source) for n in names]
     if names == ["auto"]:
         return AUTO
     if "auto" in names:
         raise ValueError(f"{source}: 'auto' cannot be combined with other names ({names}); use it alone")
-    registry.check_names(names, source)
     return tuple(dict.fromkeys(names))
+
+
+def split_names(text: str, source: str) -> List[str]:
+    """The names of a comma-separated string. Spaces next to the commas are list formatting; whitespace
+    at either end of the whole string, inside a name, or an empty entry is an error naming ``source``."""
+    if text != text.strip():
+        fixed = ",".join(p.strip() for p in text.split(","))
+        raise aliases.BackendNameError(
+            f"{source}: {text!r} has whitespace at its start or end; backend names have none (write {fixed!r})",
+            f"{text!r} has whitespace at its start or end (write {fixed!r})", False)
+    parts = [p.strip() for p in text.split(",")]
+    if len(parts) > 1 and not all(parts):
+        raise aliases.BackendNameError(
+            f"{source}: {text!r} has an empty entry; separate backend names with single commas",
+            f"{text!r} has an empty entry; separate backend names with single commas", False)
+    return [p for p in parts if p] if len(parts) > 1 else parts
 
 
 _INTERNED: dict = {}
@@ -176,9 +193,9 @@ def read_env(environ=None) -> EnvSettings:
     disabled: Tuple[str, ...] = ()
     raw = env.get("ATTNPATCH_DISABLE")
     if raw is not None and raw.strip():
-        names = [s.strip() for s in raw.split(",") if s.strip()]
-        registry.check_names(names, "environment variable ATTNPATCH_DISABLE")
-        disabled = tuple(dict.fromkeys(names))
+        disabled = normalise_backends(raw, "environment variable ATTNPATCH_DISABLE") or ()
+        if not disabled:
+            raise ValueError("ATTNPATCH_DISABLE=auto: auto cannot be disabled; list backend names")
     log = env.get("ATTNPATCH_LOG")
     if log is not None and log.strip():
         log = log.strip().lower()

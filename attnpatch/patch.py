@@ -14,17 +14,23 @@ from __future__ import annotations
 
 import contextlib
 import copyreg
+import inspect
 import logging
+import os  # noqa: F401  (the RecipeSpec annotation)
+import sys
 import threading
 import weakref
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import (Any, Callable, Dict, Iterator, List, Literal, Mapping, Optional, Protocol,
+                    Sequence, Tuple, Union)
 
 import torch
 
 from . import controls, router
-from .controls import Scope
+from .controls import BackendSpec, Scope
+from .recipes import Recipe  # noqa: F401  (the RecipeSpec annotation, resolvable by typing.get_type_hints)
+from .report import Report, ReportRow, describe_scope  # noqa: F401  (re-exported)
 
 logger = logging.getLogger("attnpatch")
 
@@ -93,14 +99,6 @@ class Site:
             "routed": self.routed, "note": self.note, "rule": self.rule,
             "backend": describe_scope(self.scope), "bypassed": dict(self.bypassed),
         }
-
-
-def describe_scope(scope: Optional[Scope]) -> str:
-    if scope is None or scope.backends is None:
-        return "(not set: use_backend / ATTNPATCH_BACKEND / auto)"
-    if scope.backends == controls.AUTO:
-        return "auto"
-    return ",".join(scope.backends)
 
 
 @dataclass
@@ -262,6 +260,18 @@ class Adapter:
         raise NotImplementedError
 
 
+def own_attr(module: Any, name: str, default: Any = None) -> Any:
+    """``getattr(module, name, default)`` for what the object itself defines (instance attributes, class
+    attributes, properties), never through a ``__getattr__`` fallback: diffusers' models answer unknown
+    names from their config with a FutureWarning ("Accessing config attribute ... directly"). Adapters
+    read heads and head dims with it."""
+    try:
+        inspect.getattr_static(module, name)
+    except AttributeError:
+        return default
+    return getattr(module, name, default)
+
+
 _ADAPTERS: List[Adapter] = []
 
 
@@ -306,14 +316,53 @@ BUILTIN_ADAPTERS = ("diffusers", "transformers", "diffsynth", "torch_sdpa")
 
 # -- targets ------------------------------------------------------------------------------------------
 
+class HasComponents(Protocol):
+    """A diffusers-style pipeline: ``components`` maps names to its parts (the nn.Module ones are patched)."""
+
+    components: Mapping[str, Any]
+
+
+#: What `apply`, `remove` and `patched` take: a module (also a torch.compile'd one), a pipeline, or a
+#: list of these.
+Target = Union[torch.nn.Module, HasComponents, Sequence[Union[torch.nn.Module, HasComponents]]]
+
+#: What ``recipe=`` takes: a shipped name, a path to a .yaml file, a dict, a `Recipe`; None (the shipped
+#: recipe that matches, when backend is auto) or False (no recipe).
+RecipeSpec = Union[None, Literal[False], str, "os.PathLike[str]", Mapping[str, Any], "Recipe"]
+
+
+def uncompiled(obj: Any) -> Any:
+    """The module inside a torch.compile'd module (``OptimizedModule._orig_mod``, unwrapped repeatedly);
+    any other object as it is."""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # nothing is compiled before dynamo is loaded
+    if eval_frame is None:
+        return obj
+    while isinstance(obj, eval_frame.OptimizedModule):
+        obj = obj._orig_mod
+    return obj
+
+
 def _components(target) -> List[Tuple[str, torch.nn.Module]]:
-    """The (name, module) roots of a target: a module, a diffusers-style pipeline, or a list."""
+    """The (name, module) roots of a target: a module, a diffusers-style pipeline, or a list. Modules
+    compiled with torch.compile are replaced by the module they compile; a module given twice is one
+    root (the first name)."""
+    out: List[Tuple[str, torch.nn.Module]] = []
+    seen = set()
+    for name, m in _roots_of(target):
+        m = uncompiled(m)
+        if id(m) not in seen:
+            seen.add(id(m))
+            out.append((name, m))
+    return out
+
+
+def _roots_of(target) -> List[Tuple[str, torch.nn.Module]]:
     if isinstance(target, torch.nn.Module):
         return [("", target)]
     if isinstance(target, (list, tuple)):
         out = []
         for i, t in enumerate(target):
-            for name, m in _components(t):
+            for name, m in _roots_of(t):
                 out.append((name or str(i), m))
         return out
     comps = getattr(target, "components", None)
@@ -326,6 +375,22 @@ def _components(target) -> List[Tuple[str, torch.nn.Module]]:
         f"attnpatch.apply: target must be a torch.nn.Module, a diffusers pipeline (with .components) or a "
         f"list of these; got {type(target).__name__}"
     )
+
+
+class _ListItem:
+    """One model of a list target, applied on its own (with the recipe that matches it) under its list
+    index, so that its sites keep the paths they have in the list ("1.layers.0.self_attn")."""
+
+    def __init__(self, index: int, module: torch.nn.Module) -> None:
+        self.components = {str(index): module}
+        self.model_label = f"{index} ({type(module).__name__})"
+
+
+#: What `apply` looks for (the warning for a target without attention sites says it).
+WHAT_ATTNPATCH_LOOKS_FOR = (
+    "diffusers attention modules (Attention, FluxAttention, ... with a processor), transformers models that "
+    "dispatch through AttentionInterface, DiffSynth-Studio attention functions, and any module whose own "
+    "forward calls F.scaled_dot_product_attention")
 
 
 # -- the patch handle ----------------------------------------------------------------------------------
@@ -364,6 +429,9 @@ class Patch:
         self._undo_extra = UndoLog()
         #: sites of roots already removed (the report still shows what ran on them)
         self._removed_sites: List[Site] = []
+        #: for a list whose models got different recipes: the per-model patches merged into this one
+        #: (their roots are this patch's; their step schedules and extra changes are undone with it).
+        self._parts: List["Patch"] = []
 
     @property
     def sites(self) -> List[Site]:
@@ -381,8 +449,8 @@ class Patch:
         rows = []
         for s in self._removed_sites + self.sites:
             calls, fallbacks = s.counts()
-            traced = sorted(router.compiled_decisions_of(s))
-            rows.append(ReportRow(s, dict(calls), dict(fallbacks), traced))
+            compiled = router.compiled_decisions_of(s)
+            rows.append(ReportRow(s, dict(calls), dict(fallbacks), sorted(compiled), compiled))
         notes = [f"left alone (not patched): {', '.join(self.left_alone)}"] if self.left_alone else []
         return Report(rows, self.recipe_name, notes)
 
@@ -390,11 +458,11 @@ class Patch:
         """Change the settings of every site of this patch in place (no re-patching). A recipe's step
         schedule stops switching scopes from then on (the new settings hold for every step)."""
         with _LOCK:
-            if self.schedule is not None:
-                self.schedule.active = False
+            for sched in self._schedules():
+                sched.active = False
             s = self.settings
             names = controls.normalise_backends(backend, "Patch.update(backend=...)") if backend is not None else None
-            new = Settings(backend=backend if backend is not None else s.backend,
+            new = Settings(backend=setting_of(names) if names is not None else s.backend,
                            strict=s.strict if strict is None else strict,
                            allow_lossy=s.allow_lossy if allow_lossy is None else allow_lossy, recipe=s.recipe)
             self.settings = new
@@ -411,9 +479,14 @@ class Patch:
     def _all_scopes(self) -> List[Scope]:
         """Every Scope this patch gave the router (each site's, and those of its step schedule)."""
         scopes = [s.scope for s in self.sites if s.scope is not None]
-        if self.schedule is not None:
-            scopes += [scope for _site, cands in self.schedule.entries for _sel, scope in cands]
+        for sched in self._schedules():
+            scopes += [scope for _site, cands in sched.entries for _sel, scope in cands]
         return scopes
+
+    def _schedules(self) -> list:
+        """This patch's step schedules (a merged list patch may have one per model)."""
+        out = [p.schedule for p in [self] + self._parts if p.schedule is not None]
+        return list({id(x): x for x in out}.values())
 
     def remove(self) -> None:
         """Undo every change of this patch (newest first). Idempotent. The router forgets the plans
@@ -431,10 +504,11 @@ class Patch:
             router.forget_scopes(scopes)
 
     def _undo_extras(self) -> None:
-        if self.schedule is not None:
-            self.schedule.active = False
-        for problem in self._undo_extra.undo():
-            logger.warning("attnpatch.remove: %s", problem)
+        for sched in self._schedules():
+            sched.active = False
+        for p in [self] + self._parts:
+            for problem in p._undo_extra.undo():
+                logger.warning("attnpatch.remove: %s", problem)
 
     def _remove_root(self, rp: _RootPatch) -> None:
         from .rebind import unregister
@@ -460,84 +534,118 @@ class Patch:
         return f"<attnpatch.Patch {state}, backend={self.settings.backend!r}>"
 
 
-@dataclass
-class ReportRow:
-    site: Site
-    calls: Dict[str, int]
-    fallbacks: Dict[Tuple[str, str, str], int]
-    traced: List[str]
-
-
-@dataclass
-class Report:
-    rows: List[ReportRow]
-    recipe: Optional[str] = None
-    notes: List[str] = field(default_factory=list)
-
-    def as_dicts(self) -> List[Dict[str, Any]]:
-        out = []
-        for r in self.rows:
-            d = r.site.as_dict()
-            d["calls"] = r.calls
-            d["fallbacks"] = [{"from": a, "to": b, "reason": why, "calls": n} for (a, b, why), n in r.fallbacks.items()]
-            d["compiled"] = r.traced
-            out.append(d)
-        return out
-
-    def __str__(self) -> str:
-        head = f"recipe: {self.recipe}\n" if self.recipe else ""
-        head += "".join(n + "\n" for n in self.notes)
-        lines = []
-        for r in self.rows:
-            s = r.site
-            ran = ", ".join(f"{n}×{c}" for n, c in sorted(r.calls.items())) or "not called"
-            if r.traced:
-                ran += f" (compiled: {', '.join(r.traced)})"
-            if not s.routed:
-                ran = f"NOT ROUTED: {s.note}"
-            lines.append(f"{s.path or '<root>'} [{s.adapter}, {s.kind}] -> {ran}")
-            for (a, b, why), n in sorted(r.fallbacks.items()):
-                lines.append(f"    fell back {a} -> {b} ×{n}: {why}")
-            for why, n in sorted(s.bypassed.items()):
-                lines.append(f"    not routed ×{n} (ran the library's own code): {why}")
-        return head + "\n".join(lines)
-
-
 # -- apply / remove ----------------------------------------------------------------------------------
 
 def _site_scope(site: Site, settings: Settings, names, source: str) -> Scope:
     return Scope(backends=names, strict=settings.strict, allow_lossy=settings.allow_lossy, source=source, site=site)
 
 
-def apply(target, backend: Union[str, Sequence[str]] = "auto", recipe=None, allow_lossy: bool = False,
+def setting_of(names: Tuple[str, ...]) -> Union[str, Tuple[str, ...]]:
+    """A patch's canonical backend setting from normalised names: "auto", one name, or a tuple."""
+    if names == controls.AUTO:
+        return "auto"
+    return names[0] if len(names) == 1 else tuple(names)
+
+
+def apply(target: Target, backend: BackendSpec = "auto", recipe: RecipeSpec = None, allow_lossy: bool = False,
           strict: bool = False) -> Patch:
     """Route every attention call of ``target`` through `attnpatch.attention_forward`.
 
     ``target`` is a torch.nn.Module (diffusers, transformers, DiffSynth, timm or hand-written), a
-    diffusers pipeline (every nn.Module component is patched) or a list of these. ``backend`` is a
-    name or a priority list, as in the router; "auto" picks per call. ``strict=True`` raises instead of
-    falling back; ``allow_lossy=True`` lets auto use lossy kernels for these sites. Only this target is
+    diffusers pipeline (every nn.Module component is patched) or a list of these (a model listed twice
+    is patched once). ``backend`` is a name or a priority list, as in the router (other libraries' names
+    such as ``"_native_cudnn"`` or ``"flash_attention_2"`` are accepted, see `attnpatch.aliases`;
+    reports show attnpatch's names); "auto" picks per call. ``strict=True`` raises instead of falling
+    back; ``allow_lossy=True`` lets auto use lossy kernels for these sites. Only this target is
     affected: other models and torch.nn.functional are untouched. Applying again to the same target
-    updates the settings (it never wraps twice). Returns the `Patch` handle.
+    updates the settings (it never wraps twice). Returns the `Patch` handle; a target in which no
+    attention site is found gives an empty patch and a warning that says what attnpatch looks for.
 
     ``recipe`` is a shipped recipe's name (``"flux"``), a path to a ``.yaml`` file, a dict or a
     `attnpatch.recipes.Recipe`: its rules give each site its backend (see `attnpatch.recipes`). With
     ``recipe=None`` and ``backend="auto"``, a shipped recipe that matches the model is used (the report
-    names it); ``recipe=False`` never uses one.
+    names it); in a list, each model gets the recipe that matches it. ``recipe=False`` never uses one.
+
+    A torch.compile'd model (``torch.compile(model)``) is patched through the module it compiles:
+    recipes match that module and site paths have no ``_orig_mod.`` prefix. A graph compiled before the
+    patch was traced from the unpatched model: dynamo's guards see the changed modules and the next
+    call compiles again, now with attnpatch's routing (and once more after `Patch.remove`). Apply
+    before compiling to compile once.
     """
     if not isinstance(strict, bool) or not isinstance(allow_lossy, bool):
         raise TypeError("attnpatch.apply: strict and allow_lossy must be bools")
     names = controls.normalise_backends(backend, "attnpatch.apply(backend=...)")
     if names is None:
         raise ValueError("attnpatch.apply: backend=None is not allowed; use 'auto' or a backend name")
+    target = uncompiled(target)
     if recipe is not False:
         from . import recipes
 
-        return recipes.apply_with_recipe(target, backend=backend, recipe=recipe, allow_lossy=allow_lossy,
-                                         strict=strict)
-    settings = Settings(backend=backend if isinstance(backend, str) else tuple(backend), strict=strict,
-                        allow_lossy=allow_lossy, recipe=None)
-    return apply_scoped(target, settings, lambda site: _site_scope(site, settings, names, "apply()"))
+        patch = _apply_per_model(target, allow_lossy, strict) if recipe is None and names == controls.AUTO else None
+        if patch is None:
+            patch = recipes.apply_with_recipe(target, backend=setting_of(names), recipe=recipe,
+                                              allow_lossy=allow_lossy, strict=strict)
+    else:
+        settings = Settings(backend=setting_of(names), strict=strict, allow_lossy=allow_lossy, recipe=None)
+        patch = apply_scoped(target, settings, lambda site: _site_scope(site, settings, names, "apply()"))
+    if not patch.sites and not patch.left_alone:
+        logger.warning("attnpatch.apply: no attention sites found in %s, so nothing was patched; attnpatch looks "
+                       "for %s (`attnpatch inspect` lists what it finds)", _label(target), WHAT_ATTNPATCH_LOOKS_FOR)
+    return patch
+
+
+def _label(target) -> str:
+    return getattr(target, "model_label", None) or type(target).__name__
+
+
+def _apply_per_model(target, allow_lossy: bool, strict: bool) -> Optional[Patch]:
+    """`apply(list)` with no recipe named: each model of the list gets the shipped recipe that matches it,
+    and its sites are labelled with that recipe. None when the models all match one recipe (or none):
+    the ordinary path serves them."""
+    from . import recipes
+
+    if not isinstance(target, (list, tuple)) or any(isinstance(t, (list, tuple)) for t in target):
+        return None
+    items: List[Tuple[str, Any]] = []
+    seen = set()
+    for i, t in enumerate(target):
+        t = uncompiled(t)
+        if id(t) not in seen:
+            seen.add(id(t))
+            item = _ListItem(i, t) if isinstance(t, torch.nn.Module) else t
+            items.append((_label(item), item))
+    found = [recipes.find_recipe(item) for _, item in items]
+    if len({r.name if r is not None else None for r in found}) <= 1:
+        return None
+    with _LOCK:
+        parts: List[Patch] = []
+        try:
+            for _, item in items:
+                parts.append(recipes.apply_with_recipe(item, backend="auto", recipe=None, allow_lossy=allow_lossy,
+                                                       strict=strict))
+        except BaseException:
+            for p in parts:
+                p.remove()
+            raise
+        settings = Settings(backend="auto", strict=strict, allow_lossy=allow_lossy,
+                            recipe=tuple(r.name if r is not None else None for r in found))
+        return _merged(parts, [label for label, _ in items], settings)
+
+
+def _merged(parts: List[Patch], labels: List[str], settings: Settings) -> Patch:
+    """One Patch holding the roots of ``parts`` (patches of the models of one list); removing it undoes
+    them all. Its ``recipe_name`` says which recipe each model got."""
+    merged = Patch(settings)
+    for p in parts:
+        merged._roots += p._roots
+        merged.left_alone += p.left_alone
+        p._roots = []
+        merged._parts.append(p)
+    for rp in merged._roots:
+        _PATCHES[rp.root] = merged
+    merged.schedule = next((p.schedule for p in parts if p.schedule is not None), None)
+    merged.recipe_name = "; ".join(f"{p.recipe_name or 'none'} for {label}" for p, label in zip(parts, labels))
+    return merged
 
 
 def apply_scoped(target, settings: Settings, scope_for: Callable[[Site], Optional[Scope]], *,
@@ -572,7 +680,7 @@ def apply_scoped(target, settings: Settings, scope_for: Callable[[Site], Optiona
             raise
         routed = len(patch.routed_sites)
         unrouted = [s for s in patch.sites if not s.routed and not s.note.startswith(LEFT_ALONE)]
-        logger.info("attnpatch.apply: %d attention sites routed in %s", routed, type(target).__name__)
+        logger.info("attnpatch.apply: %d attention sites routed in %s", routed, _label(target))
         for s in unrouted:
             logger.warning("attnpatch.apply: %s (%s) is not routed: %s", s.path, s.module_class, s.note)
         return patch
@@ -675,7 +783,7 @@ def _remove_roots_of(self: Patch, modules: List[torch.nn.Module]) -> None:
 Patch._remove_roots_of = _remove_roots_of
 
 
-def remove(target) -> int:
+def remove(target: Target) -> int:
     """Undo attnpatch's changes to ``target`` (a module, pipeline or list). Returns how many roots were
     restored (0 when the target was not patched)."""
     roots = _components(target)
@@ -695,7 +803,7 @@ def patch_of(module: torch.nn.Module) -> Optional[Patch]:
 
 
 @contextlib.contextmanager
-def patched(target, backend: Union[str, Sequence[str]] = "auto", recipe=None, allow_lossy: bool = False,
+def patched(target: Target, backend: BackendSpec = "auto", recipe: RecipeSpec = None, allow_lossy: bool = False,
             strict: bool = False) -> Iterator[Patch]:
     """``with attnpatch.patched(model, backend=...) as patch:`` — apply on entry, remove on exit (also
     on error). If the target was already patched, its earlier settings come back on exit instead."""

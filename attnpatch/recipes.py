@@ -60,7 +60,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import yaml
 
-from . import controls, registry
+from . import aliases, controls, registry
 from .controls import AUTO, Scope
 
 logger = logging.getLogger("attnpatch")
@@ -359,18 +359,19 @@ class _Checker:
 
     def backend(self, node: _Node, field: str) -> Tuple[str, ...]:
         names = self.str_list(node, field, "a backend name or a priority list of names")
-        try:
-            return controls.normalise_backends(list(names) if len(names) > 1 else names[0], "recipe")
-        except (ValueError, TypeError, IndexError):
-            pass
         valid = ", ".join(["auto"] + sorted(registry.backend_names()))
-        for n in names:
-            if n != "auto" and n not in registry.backend_names():
-                close = difflib_close(n, registry.backend_names())
-                hint = f" (did you mean {close!r}?)" if close else ""
-                self.fail(node, field, f"unknown backend {n!r}{hint}; valid: {valid}")
         if not names:
             self.fail(node, field, f"is an empty list; give a backend name, a priority list or auto; valid: {valid}")
+        try:
+            return controls.normalise_backends(list(names) if len(names) > 1 else names[0], "recipe")
+        except aliases.BackendNameError as exc:  # other libraries' names are accepted (attnpatch.aliases)
+            if not exc.unknown:
+                self.fail(node, field, exc.reason)
+            hint = aliases.suggestion(exc.name)
+            self.fail(node, field, f"unknown backend {exc.name!r}" + (f" (did you mean {hint}?)" if hint else "")
+                      + f"; valid: {valid}")
+        except (ValueError, TypeError):
+            pass
         self.fail(node, field, f"{list(names)} is not a valid backend list: 'auto' must stand alone; valid names: {valid}")
 
     def pattern(self, node: _Node, field: str, text: str) -> str:
@@ -1167,7 +1168,7 @@ def apply_with_recipe(target, backend="auto", recipe=None, allow_lossy: bool = F
     sites = _patch.discover(target)
     comps = [c for c, _ in _patch._components(target)]
     rplan = plan(rec, sites, comps)
-    label = type(target).__name__
+    label = getattr(target, "model_label", None) or type(target).__name__  # a list's model: patch._ListItem
     check_unmatched(rplan, sites, _strict_recipes(strict), label)
     rules = rec.rules
     per_site: Dict[Tuple[str, str], List[Tuple[Optional[IndexSelector], Scope]]] = {}
@@ -1209,7 +1210,8 @@ def apply_with_recipe(target, backend="auto", recipe=None, allow_lossy: bool = F
 def explain_sites(target, recipe=None, backend="auto", allow_lossy: bool = False) -> Tuple[Optional[Recipe], List[Dict[str, Any]]]:
     """Without patching: each attention site of ``target`` and the recipe rule and backend it would get
     (for `attnpatch inspect` and `attnpatch recipe check --model`). Rules with ``steps`` are listed with
-    their steps."""
+    their steps. Each row's ``candidates`` gives the same as data (see `_candidate`; empty when the
+    recipe leaves the site alone)."""
     from . import patch as _patch
 
     names = controls.normalise_backends(backend, "backend")
@@ -1224,7 +1226,7 @@ def explain_sites(target, recipe=None, backend="auto", allow_lossy: bool = False
         for s in sites:
             d = s.as_dict()
             d.update(component=s.component, rule="apply()", backend=_describe(names), allow_lossy=allow_lossy,
-                     steps="")
+                     steps="", candidates=[_candidate("apply()", names, allow_lossy, None)])
             rows.append(d)
         return None, rows
     comps = [c for c, _ in _patch._components(target)]
@@ -1236,25 +1238,36 @@ def explain_sites(target, recipe=None, backend="auto", allow_lossy: bool = False
         key = (s.component, s.path)
         if s.component in rplan.skip_components or key in rplan.excluded:
             why = rplan.excluded.get(key) or f"exclude.components {s.component!r}"
-            d.update(rule=why, backend="(left alone)", allow_lossy=False, steps="")
+            d.update(rule=why, backend="(left alone)", allow_lossy=False, steps="", candidates=[])
             rows.append(d)
             continue
         parts = []
+        cands = []
         for i in rplan.candidates.get(key, []):
             r = rec.rules[i]
             sc = _rule_scope(rec, r, s, override, allow_lossy, False)
             parts.append((r.name, _describe(sc.backends), sc.allow_lossy,
                           f"steps {r.steps.describe()}" if r.steps else ""))
+            cands.append(_candidate(r.name, sc.backends, sc.allow_lossy, r.steps.describe() if r.steps else None))
             if r.steps is None:
                 break
         if not parts or parts[-1][3]:
             sc = _rule_scope(rec, None, s, override, allow_lossy, False)
             parts.append(("default_backend", _describe(sc.backends), sc.allow_lossy, ""))
+            cands.append(_candidate("default_backend", sc.backends, sc.allow_lossy, None))
+        d["candidates"] = cands
         d.update(rule=" | ".join(p[0] for p in parts), backend=" | ".join(p[1] for p in parts),
                  allow_lossy=any(p[2] for p in parts), steps=" | ".join(p[3] or "other steps" for p in parts)
                  if len(parts) > 1 else "")
         rows.append(d)
     return rec, rows
+
+
+def _candidate(rule: str, names, allow_lossy: bool, steps: Optional[str]) -> Dict[str, Any]:
+    """One (rule, backend) a site may get, as data: ``backend`` is a list of names (``["auto"]`` for auto),
+    ``steps`` the rule's step selector or None (every step not taken by an earlier rule)."""
+    return {"rule": rule, "backend": ["auto"] if names is None or names == AUTO else list(names),
+            "allow_lossy": bool(allow_lossy), "steps": steps}
 
 
 def _describe(names) -> str:

@@ -103,9 +103,12 @@ def test_inspect_a_local_transformers_folder_with_a_recipe_and_json(tmp_path, ca
     rc, out, err = main(capsys, "inspect", str(tmp_path / "llama"), "--recipe", "llama", "--json")
     assert rc == 0, err
     doc = json.loads(out)
-    assert doc["kind"] == "transformers" and doc["recipe"] == "llama"
-    assert [s["path"] for s in doc["sites"]] == ["layers.0.self_attn", "layers.1.self_attn"]
-    assert all(s["rule"] == "self" and s["kind"] == "self" and s["heads"] == 4 for s in doc["sites"])
+    assert doc["schema_version"] == 1 and doc["kind"] == "transformers" and doc["recipe"] == "llama"
+    # the saved architecture (LlamaForCausalLM), so the paths are those apply() sees on the loaded model
+    assert doc["class"] == "LlamaForCausalLM"
+    assert [s["path"] for s in doc["sites"]] == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
+    assert all(s["candidates"] == [{"rule": "self", "backend": ["auto"], "allow_lossy": False, "steps": None}]
+               and s["kind"] == "self" and s["heads"] == 4 for s in doc["sites"])
 
 
 def test_inspect_refuses_remote_code_unless_asked(tmp_path, capsys):
@@ -124,7 +127,7 @@ def test_inspect_user_errors_missing_path_and_offline_hub_id(capsys, monkeypatch
     rc, out, err = main(capsys, "inspect", "someorg/somemodel")
     assert_user_error(rc, err, 2, "'someorg/somemodel' is not a local folder", "HF_HUB_OFFLINE")
     rc, out, err = main(capsys, "inspect", "tiny-flux", "--recipe", "nope")
-    assert_user_error(rc, err, 1, "no shipped recipe named 'nope'")
+    assert_user_error(rc, err, 2, "no shipped recipe named 'nope'")
 
 
 def test_bench_shapes_writes_json_and_a_png(tmp_path):
@@ -133,7 +136,9 @@ def test_bench_shapes_writes_json_and_a_png(tmp_path):
                        "sdpa,sdpa_math,flash_attn", "--warmup", "1", "--repeat", "2", "--json", str(jf),
                        "--plot", str(pf), "--no-progress")
     assert rc == 0, err
-    assert re.search(r"^1x2x64x16 float32 causal\s+sdpa \*\s+[\d.]+\s+[\d.]+\s+\d\.\de-\d\d", out, re.M)
+    # median, spread, min-max, TFLOP/s, rel.err
+    assert re.search(r"^1x2x64x16 float32 causal\s+sdpa \*\s+[\d.]+\s+±\d+%\s+[\d.]+-[\d.]+\s+[\d.]+\s+\d\.\de-\d\d",
+                     out, re.M)
     doc = json.loads(jf.read_text())
     rows = doc["results"]
     assert len(rows) == 6 and doc["device"] in ("cpu", "cuda")
@@ -202,14 +207,14 @@ def test_recipe_list_and_show(capsys):
     assert rc == 0, err
     assert "name: flux" in out and "single_transformer_blocks.*.attn" in out
     rc, out, err = main(capsys, "recipe", "show", "fluxx")
-    assert_user_error(rc, err, 1, "no shipped recipe named 'fluxx' (did you mean 'flux'?)")
+    assert_user_error(rc, err, 2, "no shipped recipe named 'fluxx' (did you mean 'flux'?)")
 
 
 def test_recipe_check_reports_errors_with_line_and_unmatched_rules(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("version: 1\nname: t\nrules:\n  - pattern: 'blocks.*.attn1'\n    backend: fash\n")
     rc, out, err = run("recipe", "check", str(bad))
-    assert_user_error(rc, err, 1, f"{bad}:5: rules[0].backend: unknown backend 'fash'")
+    assert_user_error(rc, err, 2, f"{bad}:5: rules[0].backend: unknown backend 'fash'")
     odd = tmp_path / "odd.yaml"
     odd.write_text("version: 1\nname: t\nrules:\n  - name: self\n    pattern: 'blocks.*.attn1'\n    backend: sdpa\n"
                    "  - name: typo\n    pattern: 'blocks.*.atn2'\n    backend: sdpa\n")
@@ -247,3 +252,227 @@ def test_demo_with_another_model_and_a_missing_model_path(capsys):
     assert "recipe: llama (chosen automatically)" in out and "outputs match" in out
     rc, out, err = main(capsys, "demo", "--model", "/definitely/missing")
     assert_user_error(rc, err, 2, "no such model folder: /definitely/missing")
+
+
+# -- usability: version, --debug, environment, exit codes ------------------------------------------------------
+
+def test_version_and_debug_anywhere_on_the_line(capsys):
+    import attnpatch
+
+    rc, out, err = run("--version")
+    assert rc == 0 and out.strip() == f"attnpatch {attnpatch.__version__}"
+    rc, out, err = main(capsys, "explain", "--shape", "1,2,3")
+    assert_user_error(rc, err, 2, "--shape '1,2,3'")
+    with pytest.raises(cli.CliError, match="--shape '1,2,3'"):  # --debug: the exception itself, not one line
+        cli.main(["explain", "--shape", "1,2,3", "--debug"])
+    with pytest.raises(cli.CliError):
+        cli.main(["--debug", "explain", "--shape", "1,2,3"])
+    rc, out, err = main(capsys, "info", "--debug")
+    assert rc == 0, err
+
+
+@pytest.mark.parametrize("var,value,says", [
+    ("ATTNPATCH_BACKEND", "bogus", "unknown attention backend 'bogus' from environment variable ATTNPATCH_BACKEND"),
+    ("ATTNPATCH_BACKEND", "sdpa ", "ATTNPATCH_BACKEND: 'sdpa ' has whitespace"),
+    ("ATTNPATCH_STRICT", "maybe", "ATTNPATCH_STRICT='maybe' is not a boolean"),
+])
+def test_a_bad_environment_variable_is_bad_input_for_every_command(var, value, says, capsys, monkeypatch):
+    monkeypatch.setenv(var, value)
+    rc, out, err = main(capsys, "info")
+    assert_user_error(rc, err, 2, says, "fix or unset the variable")
+    assert out == ""
+    if var == "ATTNPATCH_BACKEND" and value == "bogus":
+        rc, out, err = run("info", env={var: value})
+        assert_user_error(rc, err, 2, says)
+
+
+def test_bad_counts_are_bad_input_with_clear_messages(capsys):
+    for argv, says in [
+        (["demo", "--steps", "0"], "argument --steps: must be at least 1, got 0"),
+        (["demo", "--repeat", "0"], "argument --repeat: must be at least 1, got 0"),
+        (["bench", "--shape", "1,2,8,8", "--repeat", "0"], "argument --repeat: must be at least 1, got 0"),
+        (["bench", "--shape", "1,2,8,8", "--warmup", "-1"], "argument --warmup: must be 0 or more, got -1"),
+        (["explain", "--shape", "1,2,8,8", "--kv-heads", "0"], "argument --kv-heads: must be at least 1, got 0"),
+        (["explain", "--shape", "1,2,8,8", "--seq-kv", "0"], "argument --seq-kv: must be at least 1, got 0"),
+        (["explain", "--shape", "1,2,8,8", "--seq-kv", "x"], "argument --seq-kv: 'x' is not an integer"),
+    ]:
+        rc, out, err = main(capsys, *argv)
+        assert rc == 2 and says in err and "Traceback" not in err, (argv, err)
+
+
+def test_missing_or_invalid_recipe_files_exit_2(tmp_path, capsys):
+    rc, out, err = main(capsys, "inspect", "tiny-flux", "--recipe", str(tmp_path / "none.yaml"))
+    assert_user_error(rc, err, 2, "none.yaml: no such file")
+    rc, out, err = main(capsys, "recipe", "check", str(tmp_path / "none.yaml"))
+    assert_user_error(rc, err, 2, "no such recipe file")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("version: 1\nname: t\nrules: 3\n")
+    rc, out, err = main(capsys, "demo", "--model", "tiny-llama", "--recipe", str(bad), "--repeat", "1")
+    assert_user_error(rc, err, 2, f"{bad}:3: rules: must be a list of rules")
+
+
+def test_recipe_show_reads_a_path_as_a_file_and_a_name_as_the_shipped_recipe(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "flux.yaml").write_text("version: 1\nname: my-local-flux\n")
+    rc, out, err = main(capsys, "recipe", "show", "flux")
+    assert rc == 0, err
+    assert out.startswith(f"# {recipes.shipped_path('flux')} (shipped)") and "name: flux" in out
+    rc, out, err = main(capsys, "recipe", "show", "flux.yaml")
+    assert rc == 0, err
+    assert out.splitlines() == ["# flux.yaml", "version: 1", "name: my-local-flux"]
+    (tmp_path / "flux.yaml").unlink()
+    rc, out, err = main(capsys, "recipe", "show", "flux.yaml")
+    assert_user_error(rc, err, 2, "no such recipe file: flux.yaml", "for the shipped recipe give its name: flux")
+
+
+def test_padding_masks_work_when_batch_equals_sequence_length(capsys, tmp_path):
+    # a 2-D (b, s_kv) mask with b == s_q is ambiguous and refused by the router: the CLI builds it 4-D
+    rc, out, err = main(capsys, "explain", "--shape", "4,2,4,8", "--mask", "padding", "--json")
+    assert rc == 0, err
+    assert "mask=bool (4, 1, 1, 4) (key padding)" in json.loads(out)["call"]
+    rc, out, err = main(capsys, "bench", "--shape", "4,2,4,8", "--mask", "padding", "--backends", "sdpa,eager",
+                        "--repeat", "2", "--warmup", "0", "--no-progress", "--json")
+    assert rc == 0, err
+    rows = json.loads(out)["results"]
+    assert all(r["eligible"] and r["relerr"] < 1e-5 for r in rows), rows
+
+
+# -- output paths and optional packages are checked before the run ----------------------------------------------
+
+def test_unwritable_outputs_and_missing_matplotlib_fail_before_the_run(tmp_path, capsys, monkeypatch):
+    calls = []
+    monkeypatch.setattr(cli, "_time_call", lambda *a, **k: calls.append(a) or [0.001])
+    rc, out, err = main(capsys, "bench", "--shape", "1,2,8,8", "--json", str(tmp_path / "no" / "b.json"))
+    assert_user_error(rc, err, 2, "--json", "does not exist")
+    rc, out, err = main(capsys, "bench", "--shape", "1,2,8,8", "--plot", str(tmp_path))
+    assert_user_error(rc, err, 2, "--plot", "is a folder")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    rc, out, err = main(capsys, "bench", "--shape", "1,2,8,8", "--plot", str(tmp_path / "b.png"))
+    assert_user_error(rc, err, 2, "--plot needs matplotlib, which is not installed", "attnpatch[plot]")
+    assert out == "" and calls == []  # nothing was timed
+    rc, out, err = main(capsys, "inspect", "tiny-flux", "--json", str(tmp_path / "no" / "i.json"))
+    assert_user_error(rc, err, 2, "does not exist")
+    rc, out, err = main(capsys, "demo", "--json", str(tmp_path / "no" / "d.json"))
+    assert_user_error(rc, err, 2, "does not exist")
+
+
+# -- one --json convention ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv", [
+    ["info"], ["explain", "--shape", "1,2,16,8"], ["recipe", "list"], ["inspect", "tiny-llama"],
+    ["bench", "--shape", "1,2,16,8", "--backends", "sdpa", "--repeat", "2", "--warmup", "0", "--no-progress"],
+    ["demo", "--model", "tiny-llama", "--repeat", "1"],
+])
+def test_json_goes_to_stdout_or_to_a_file_the_same_way_in_every_command(argv, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for flag in (["--json"], ["--json", "-"], ["--json=-"]):
+        rc, out, err = main(capsys, *argv, *flag)
+        assert rc == 0, err
+        doc = json.loads(out)  # stdout is the JSON document and nothing else
+        assert doc["schema_version"] == 1
+    f = tmp_path / "out.json"
+    rc, out, err = main(capsys, *argv, "--json", str(f))
+    assert rc == 0, err
+    assert json.loads(f.read_text())["schema_version"] == 1
+    assert out.strip() and f"wrote {f}" in out  # the text output, and where the JSON went
+    assert not (tmp_path / "-").exists()
+
+
+def test_demo_json_has_the_times_the_match_and_the_sites(capsys):
+    rc, out, err = main(capsys, "demo", "--model", "tiny-llama", "--repeat", "2", "--json")
+    assert rc == 0, err
+    doc = json.loads(out)
+    assert doc["model"] == "tiny-llama" and doc["recipe"] == "llama (chosen automatically)"
+    assert doc["outputs_match"] is True and doc["max_abs_diff"] <= doc["tolerance"]
+    assert doc["stock"]["median_ms"] > 0 and doc["patched"]["min_ms"] <= doc["patched"]["max_ms"]
+    assert [s["path"] for s in doc["sites"]] == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
+    assert all(s["calls"] == {"sdpa": 3} and s["asked"] == ["auto"] for s in doc["sites"])
+
+
+def test_inspect_json_is_data_with_nulls_not_display_strings(capsys):
+    rc, out, err = main(capsys, "inspect", "tiny-sd15-pipeline", "--json")
+    assert rc == 0, err
+    doc = json.loads(out)
+    assert doc["recipe"] == "sd15" and doc["recipe_chosen_automatically"] is True and doc["backend"] is None
+    sites = {s["path"]: s for s in doc["sites"]}
+    enc = sites["text_encoder.encoder.layers.0.self_attn"]
+    assert enc["routed"] is False and enc["left_alone"] == "exclude.components 'text_encoder*'"
+    assert enc["candidates"] == [] and enc["picks"] is None and enc["picks_error"] is None
+    unet = sites["unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1"]
+    assert unet["routed"] is True and unet["left_alone"] is None and unet["not_routable"] is None
+    assert unet["candidates"] == [{"rule": "self", "backend": ["auto"], "allow_lossy": False, "steps": None}]
+    assert unet["picks"] == "sdpa" and unet["component"] == "unet"
+    assert "(left alone)" not in out and '"-"' not in out
+
+
+def test_inspect_step_rules_as_data(capsys):
+    rc, out, err = main(capsys, "inspect", "tiny-wan", "--recipe", "wan-lossy", "--json")
+    assert rc == 0, err
+    site = json.loads(out)["sites"][0]
+    assert [c["rule"] for c in site["candidates"]] == ["exact-first-last-steps", "self-lossy"]
+    assert site["candidates"][0]["steps"] == "first 2, last 2" and site["candidates"][1]["steps"] is None
+
+
+# -- bench spread ------------------------------------------------------------------------------------------------
+
+def test_bench_reports_the_spread_and_warns_when_it_is_large(capsys, monkeypatch):
+    rc, out, err = main(capsys, "bench", "--shape", "1,2,16,8", "--backends", "sdpa", "--repeat", "3", "--warmup", "0",
+                        "--no-progress", "--json")
+    assert rc == 0, err
+    r = json.loads(out)["results"][0]
+    assert r["min_ms"] <= r["q1_ms"] <= r["median_ms"] <= r["q3_ms"] <= r["max_ms"] and r["spread"] >= 0
+    monkeypatch.setattr(cli, "_time_call", lambda *a, **k: [0.001, 0.001, 0.002, 0.030])
+    rc, out, err = main(capsys, "bench", "--shape", "1,2,16,8", "--backends", "sdpa", "--repeat", "4", "--no-progress")
+    assert rc == 0, err
+    assert re.search(r"sdpa \*\s+1\.500\s+±\d+%\s+1\.000-30\.000", out)
+    assert "warning: 1x2x16x8 float32 sdpa: times spread by" in err and "min 1.000 ms, max 30.000 ms over 4 runs" in err
+    monkeypatch.setattr(cli, "_time_call", lambda *a, **k: [0.001, 0.001, 0.001, 0.001])
+    rc, out, err = main(capsys, "bench", "--shape", "1,2,16,8", "--backends", "sdpa", "--repeat", "4", "--no-progress")
+    assert rc == 0 and "warning" not in err
+
+
+def test_bench_takes_other_libraries_names_and_refuses_auto(capsys):
+    rc, out, err = main(capsys, "bench", "--shape", "1,2,16,8", "--backends", "_native_math,Eager", "--repeat", "1",
+                        "--warmup", "0", "--no-progress", "--json")
+    assert rc == 0, err
+    assert [r["backend"] for r in json.loads(out)["results"]] == ["sdpa_math", "eager"]
+    rc, out, err = main(capsys, "bench", "--shape", "1,2,16,8", "--backends", "auto")
+    assert_user_error(rc, err, 2, "--backends auto")
+
+
+# -- inspect / recipe check: the saved architecture, without weights ------------------------------------------------
+
+def _corrupt_weights(folder):
+    for f in folder.rglob("*.safetensors"):
+        f.write_bytes(b"not a safetensors file")
+
+
+def test_inspect_builds_the_saved_architecture_without_reading_weights(tmp_path, capsys):
+    tiny_models.build("tiny-llama").save_pretrained(tmp_path / "llama")
+    tiny_models.build("tiny-flux").save_pretrained(tmp_path / "flux")
+    tiny_models.build("tiny-sd15-pipeline").save_pretrained(tmp_path / "pipe")
+    for name in ("llama", "flux", "pipe"):
+        _corrupt_weights(tmp_path / name)  # a weight load would fail: inspect must not need them
+    rc, out, err = main(capsys, "inspect", str(tmp_path / "llama"))
+    assert rc == 0, err
+    assert "(LlamaForCausalLM, transformers; structure only, no weights loaded)" in out
+    assert "recipe: llama (chosen automatically)" in out and re.search(r"^model\.layers\.1\.self_attn\s+self", out, re.M)
+    rc, out, err = main(capsys, "inspect", str(tmp_path / "flux"))
+    assert rc == 0, err
+    assert "recipe: flux (chosen automatically)" in out and "4 sites, 4 would be routed" in out
+    rc, out, err = main(capsys, "inspect", str(tmp_path / "pipe"), "--json")
+    assert rc == 0, err
+    doc = json.loads(out)
+    assert doc["class"] == "StableDiffusionPipeline" and doc["recipe"] == "sd15"
+    assert sum(s["routed"] for s in doc["sites"]) == 8 and "scheduler" in doc["components_not_built"]
+    rc, out, err = main(capsys, "demo", "--model", str(tmp_path / "llama"), "--repeat", "1")
+    assert rc == 1 and "could not load" in err  # running needs the weights, and says so
+
+
+def test_recipe_check_matches_the_rules_against_the_saved_architecture(tmp_path, capsys):
+    tiny_models.build("tiny-llama").save_pretrained(tmp_path / "llama")
+    r = tmp_path / "r.yaml"
+    r.write_text("version: 1\nname: t\nrules:\n  - name: lm\n    pattern: 'model.layers.*.self_attn'\n    backend: sdpa\n")
+    rc, out, err = main(capsys, "recipe", "check", str(r), "--model", str(tmp_path / "llama"), "--strict")
+    assert rc == 0, err
+    assert "rule lm: 2 sites" in out and "(LlamaForCausalLM)" in out
