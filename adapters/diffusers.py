@@ -31,7 +31,7 @@ each module (`UndoLog.set_attr`, restored on removal). Nothing outside the patch
 
 diffusers' own backend selection is honoured: a backend set with ``set_attention_backend(...)`` (before
 or after apply) or an ``attention_backend(...)`` block is mapped to the attnpatch backend that runs the
-same kernel (`DIFFUSERS_BACKENDS`) and passed to the router as an explicit choice (falling back, with a
+same kernel (the names table, `attnpatch.aliases`) and passed to the router as an explicit choice (falling back, with a
 counted reason, where it cannot serve a call), noted on the site with a warning once; a diffusers
 backend with no attnpatch equivalent runs on diffusers' own dispatcher, counted on the site. A
 processor set after apply (``set_attn_processor``, ``fuse_qkv_projections()``) is routed to the same
@@ -211,18 +211,15 @@ def _bypass(site: Site, reason: str) -> None:
         record(reason)
 
 
-#: diffusers' attention backend names (``AttentionBackendName`` values) and the attnpatch backend that
-#: runs the same kernel. A name missing here runs on diffusers' own dispatcher (counted on the site).
-DIFFUSERS_BACKENDS: Dict[str, str] = {
-    "native": "sdpa", "_native_cudnn": "sdpa_cudnn", "_native_efficient": "sdpa_efficient",
-    "_native_flash": "sdpa_flash", "_native_math": "sdpa_math", "flex": "flex",
-    "flash": "flash_attn", "flash_varlen": "flash_attn", "_flash_3": "flash_attn3", "_flash_varlen_3": "flash_attn3",
-    "_flash_3_hub": "flash_attn3_hub", "_flash_3_varlen_hub": "flash_attn3_hub",
-    "flash_4_hub": "flash_attn4", "sage": "sage", "sage_varlen": "sage", "sage_hub": "sage_hub",
-    "_sage_qk_int8_pv_fp8_cuda": "sage_fp8_cuda", "_sage_qk_int8_pv_fp8_cuda_sm90": "sage_fp8_cuda_sm90",
-    "_sage_qk_int8_pv_fp16_cuda": "sage_fp16_cuda", "_sage_qk_int8_pv_fp16_triton": "sage_fp16_triton",
-    "xformers": "xformers",
-}
+def diffusers_backend_to_attnpatch(value: str) -> Optional[str]:
+    """The attnpatch backend that runs diffusers' backend ``value`` (an ``AttentionBackendName`` value),
+    from attnpatch's one name table (`attnpatch.aliases`); None when attnpatch has no such kernel."""
+    from attnpatch import aliases, registry
+
+    if value in registry.backend_names():
+        return value
+    entry = aliases.alias(value)
+    return entry.backend if entry is not None else None
 
 
 def _registry_class():
@@ -242,7 +239,7 @@ def dispatch_for_site(site: Site, original: Callable) -> Callable:
     (batch, seq_kv) is a key-padding mask, any other 2-D mask is SDPA's (seq_q, seq_kv), 3-D and 4-D
     masks broadcast as in SDPA; bool masks are True = attend, float masks are added. ``backend``
     (diffusers' per-processor or hard-coded choice, or an ``attention_backend(...)`` block) is honoured:
-    mapped to attnpatch's backend for the same kernel (`DIFFUSERS_BACKENDS`). Calls attnpatch cannot
+    mapped to attnpatch's backend for the same kernel (`attnpatch.aliases`). Calls attnpatch cannot
     serve run the original function and are counted on the site."""
     route = router.route
     Tensor = torch.Tensor
@@ -258,7 +255,7 @@ def dispatch_for_site(site: Site, original: Callable) -> Callable:
         value = _backend_value(backend)
         name = honoured.get(value, ...)
         if name is ...:
-            name = DIFFUSERS_BACKENDS.get(value)
+            name = diffusers_backend_to_attnpatch(value)
             honoured[value] = name
             what = f"diffusers attention backend {value!r} (set_attention_backend / attention_backend)"
             if name is None:
@@ -495,7 +492,7 @@ class DiffusersAdapter(Adapter):
             backend = getattr(proc, "_attention_backend", None)
             if backend is not None:
                 value = getattr(backend, "value", backend)
-                mapped = DIFFUSERS_BACKENDS.get(str(value))
+                mapped = diffusers_backend_to_attnpatch(str(value))
                 note = (f"diffusers attention backend {value!r} (set_attention_backend) honoured as attnpatch "
                         f"backend {mapped!r}" if mapped else
                         f"diffusers attention backend {value!r} (set_attention_backend) has no attnpatch "

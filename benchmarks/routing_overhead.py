@@ -15,6 +15,8 @@ Pairs:
 * masked bsnd: ``F.sdpa(q.transpose(1, 2), ..., attn_mask=pad[:, None, None, :]).transpose(1, 2)``  vs
   ``attention_forward(q, k, v, layout="bsnd", attn_mask=pad)``
 * diffusers: ``dispatch_attention_fn(q, k, v)`` (bsnd, native backend), when diffusers imports.
+* decode:    one query against keys that grow by one each call (a new shape every call, as while
+  generating): ``F.sdpa(..., enable_gqa=True)``  vs  ``attention_forward(...)``
 
 Writes DIR/routing_overhead_<device>.json and DIR/routing_overhead_<device>.md.
 """
@@ -90,7 +92,29 @@ def make_variants(device: torch.device):
         ("attention_forward(layout='bsnd', attn_mask=(b, s_kv))", "masked",
          lambda: af(qs, ks, vs, layout="bsnd", attn_mask=pad)),
     ]
-    extra = {"shape_bnsd": [b, h, s, d], "dtype": str(dtype).replace("torch.", ""), "pinned_backend": pinned_name}
+    # decoding: one query against a key length that grows by one each call (a new exact shape every
+    # time, inside one length bucket): the plan of the bucket must serve it without re-deciding
+    lengths = list(range(256, 320))  # one bucket: [256, 320)
+    dq = torch.randn(1, 8, 1, 64, device=device, dtype=dtype)
+    dkv = [torch.randn(1, 2, n, 64, device=device, dtype=dtype) for n in lengths]
+    step = [0]
+
+    def decode_direct():
+        kv = dkv[step[0] % len(dkv)]
+        step[0] += 1
+        return sdpa(dq, kv, kv, enable_gqa=True)
+
+    def decode_routed():
+        kv = dkv[step[0] % len(dkv)]
+        step[0] += 1
+        return af(dq, kv, kv)
+
+    variants += [
+        ("F.sdpa decode step (direct, GQA 8/2, growing keys)", "decode", decode_direct),
+        ("attention_forward decode step (growing keys)", "decode", decode_routed),
+    ]
+    extra = {"shape_bnsd": [b, h, s, d], "dtype": str(dtype).replace("torch.", ""), "pinned_backend": pinned_name,
+             "decode": "q (1, 8, 1, 64), k/v (1, 2, n, 64), n cycling 256..319 (one length bucket)"}
     try:
         import diffusers
         from diffusers.models.attention_dispatch import dispatch_attention_fn

@@ -1,0 +1,153 @@
+"""The core's CUDA paths on a real GPU: pinned SDPA kernels called through torch's per-kernel operators
+give what ``sdpa_kernel`` + ``F.scaled_dot_product_attention`` give (forward and backward), touch no
+global flag, return the log-sum-exp, serve sinks by rescaling, fall back on strided inputs, and keep
+decoding plans. Skipped where no CUDA device exists."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import attnpatch
+from attnpatch import router
+
+pytestmark = pytest.mark.gpu
+
+KERNELS = {"sdpa_cudnn": "CUDNN_ATTENTION", "sdpa_flash": "FLASH_ATTENTION",
+           "sdpa_efficient": "EFFICIENT_ATTENTION", "sdpa_math": "MATH"}
+
+
+def _qkv(b=2, hq=8, hkv=8, sq=300, skv=300, d=64, dtype=torch.bfloat16, grad=False):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    t = [torch.randn(b, h, s, d, device="cuda", dtype=dtype, generator=g) for h, s in ((hq, sq), (hkv, skv), (hkv, skv))]
+    if grad:
+        t = [x.requires_grad_() for x in t]
+    return t
+
+
+def _torch_pinned(name, q, k, v, **kw):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    with sdpa_kernel(getattr(SDPBackend, KERNELS[name])):
+        return F.scaled_dot_product_attention(q, k, v, **kw)
+
+
+CASES = {
+    "plain": dict(),
+    "causal": dict(is_causal=True),
+    "bool_mask": "bool",
+    "additive_mask": "additive",
+    "head_dim_72": dict(d=72),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("name", sorted(KERNELS))
+def test_pinned_kernel_matches_torchs_pinned_sdpa(name, case):
+    spec = CASES[case]
+    d = spec.get("d", 64) if isinstance(spec, dict) else 64
+    q, k, v = _qkv(d=d)
+    kw = {"is_causal": True} if case == "causal" else {}
+    if case in ("bool_mask", "additive_mask"):
+        keep = torch.rand(2, 1, 1, 300, device="cuda") > 0.2
+        keep[..., 0] = True
+        kw["attn_mask"] = keep if case == "bool_mask" else torch.zeros(keep.shape, device="cuda",
+                                                                         dtype=q.dtype).masked_fill(~keep, -1e4)
+    try:
+        ref = _torch_pinned(name, q, k, v, **kw)
+    except RuntimeError as exc:  # torch refuses this case for this kernel: attnpatch must refuse too
+        e = attnpatch.explain(q, k, v, backend=name, **kw)
+        assert e.backend != name, f"torch refused ({exc}) but attnpatch would run {name}"
+        return
+    out = attnpatch.attention_forward(q, k, v, backend=name, **kw)
+    assert attnpatch.stats().calls == {name: 1}
+    torch.testing.assert_close(out, ref, atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize("name", ["sdpa_cudnn", "sdpa_flash", "sdpa_efficient"])
+def test_pinned_backward_matches_torch(name):
+    q, k, v = _qkv(sq=256, skv=256, grad=True)
+    out = attnpatch.attention_forward(q, k, v, backend=name, is_causal=True)
+    out.float().pow(2).sum().backward()
+    grads = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    _torch_pinned(name, q, k, v, is_causal=True).float().pow(2).sum().backward()
+    for a, b in zip(grads, (q.grad, k.grad, v.grad)):
+        torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)
+
+
+def test_gqa_on_the_flash_op():
+    q, k, v = _qkv(hq=8, hkv=2)
+    out = attnpatch.attention_forward(q, k, v, backend="sdpa_flash")
+    ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), enable_gqa=True)
+    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+    assert attnpatch.stats().calls == {"sdpa_flash": 1}
+
+
+def test_global_flags_untouched_while_another_thread_pins():
+    stop = threading.Event()
+
+    def loop():
+        q, k, v = _qkv(b=1, hq=2, sq=64, skv=64)
+        while not stop.is_set():
+            attnpatch.attention_forward(q, k, v, backend="sdpa_cudnn")
+
+    t = threading.Thread(target=loop)
+    t.start()
+    errors = 0
+    try:
+        x = torch.randn(1, 2, 64, 64, device="cuda", dtype=torch.float32)[..., ::2]  # math only
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline:
+            try:
+                F.scaled_dot_product_attention(x, x, x)
+            except RuntimeError:
+                errors += 1
+    finally:
+        stop.set()
+        t.join()
+    assert errors == 0
+
+
+@pytest.mark.parametrize("name", ["sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "flex", "eager"])
+def test_return_lse_on_cuda(name):
+    q, k, v = _qkv(sq=200, skv=333)
+    ref = torch.logsumexp((q.double() @ k.double().transpose(-1, -2)) * 64 ** -0.5, dim=-1).float()
+    out, lse = attnpatch.attention_forward(q, k, v, backend=name, return_lse=True)
+    assert lse.shape == (2, 8, 200) and lse.dtype == torch.float32
+    torch.testing.assert_close(lse, ref, atol=2e-2, rtol=2e-3)
+    assert attnpatch.stats().calls == {name: 1}
+
+
+def test_sinks_by_lse_rescaling_on_cuda():
+    from attnpatch.backends.eager import eager_attention
+    q, k, v = _qkv(sq=256, skv=256)
+    sinks = torch.randn(8, device="cuda")
+    ref = eager_attention(q.double(), k.double(), v.double(), is_causal=True, sinks=sinks.double())
+    out = attnpatch.attention_forward(q, k, v, is_causal=True, sinks=sinks)
+    used = set(attnpatch.stats().calls)
+    assert used and all(n != "eager" for n in used), used  # a fused kernel, rescaled
+    torch.testing.assert_close(out.double(), ref, atol=2e-2, rtol=2e-2)
+
+
+def test_strided_input_falls_back_from_a_unit_stride_kernel():
+    full = torch.randn(1, 4, 256, 128, device="cuda", dtype=torch.bfloat16)
+    dense, strided = full[..., :64].contiguous(), full[..., ::2]
+    attnpatch.attention_forward(dense, dense, dense, backend="sdpa_cudnn")
+    out = attnpatch.attention_forward(strided, strided, strided, backend="sdpa_cudnn")
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(strided, strided, strided), atol=2e-2, rtol=2e-2)
+    stats = attnpatch.stats()
+    assert stats.calls.get("sdpa_cudnn") == 1 and sum(stats.calls.values()) == 2
+
+
+def test_decode_steps_share_one_plan_per_bucket():
+    q = torch.randn(1, 8, 1, 64, device="cuda", dtype=torch.bfloat16)
+    before = router.DECISIONS_MADE[0]
+    for n in range(300, 320):  # one bucket
+        kv = torch.randn(1, 8, n, 64, device="cuda", dtype=torch.bfloat16)
+        attnpatch.attention_forward(q, kv, kv)
+    assert router.DECISIONS_MADE[0] - before == 1
