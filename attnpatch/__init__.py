@@ -7,9 +7,11 @@ Public names only; each lives in the module its name points to:
 * `use_backend`, `reload_env` — `attnpatch.controls`
 * `apply`, `remove`, `patched`, `Patch`, `Site` — `attnpatch.patch` (adapters: ``attnpatch.adapters``)
 * `step`, `current_step`, `RecipeError` — `attnpatch.recipes` (the recipe format and step schedules)
+* `calibrate`, `Calibration` — `attnpatch.calibrate` (calibrated lossy recipes)
 
 Note: ``attnpatch.backends`` is the function that lists backends; the backend modules themselves are
-imported as ``from attnpatch.backends.sdpa import SdpaBackend``.
+imported as ``from attnpatch.backends.sdpa import SdpaBackend``. Likewise ``attnpatch.calibrate`` is
+the function; import the module's other names with ``from attnpatch.calibrate import ...``.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from .registry import Backend, BackendInfo, register_backend, unregister_backend
 from .router import BackendUnsupportedError, Explanation, Stats, attention_forward, clear_cache, explain, stats
 from .patch import Patch, Site, apply, patched, remove
 from .recipes import RecipeError, current_step, step
+from .calibrate import Calibration, calibrate
 
 _backends_pkg.register_builtin()
 
@@ -53,5 +56,5 @@ def backends() -> List[BackendInfo]:
 __all__ = [
     "attention_forward", "explain", "stats", "backends", "register_backend", "unregister_backend",
     "use_backend", "reload_env", "clear_cache", "apply", "remove", "patched", "Patch", "Site", "Backend", "BackendInfo", "BackendUnsupportedError", "Call",
-    "Explanation", "Stats", "step", "current_step", "RecipeError", "__version__",
+    "Explanation", "Stats", "step", "current_step", "RecipeError", "calibrate", "Calibration", "__version__",
 ]
