@@ -236,7 +236,8 @@ class Calibration:
         site and step range the backend, its error and the time it saves."""
         from .cli import table
 
-        lines = [f"attnpatch calibration: {len({c.path for c in self.choices})} sites measured"
+        n_sites = len({c.path for c in self.choices})
+        lines = [f"attnpatch calibration: {n_sites} site{'' if n_sites == 1 else 's'} measured"
                  + (f", {self.total_steps} steps in buckets {', '.join(f'{a}-{b}' for a, b in self.buckets)}"
                     if self.buckets else ", no denoising steps seen")
                  + f"; candidates: {', '.join(self.candidates) or 'none'}",
@@ -266,7 +267,7 @@ class Calibration:
             e = c.error
             ref_e = c.errors.get(c.reference)
             tr, tc = c.times_ms.get(c.reference), c.times_ms.get(c.backend)
-            trows.append((c.path, c.steps_label(), c.backend, c.status,
+            trows.append((c.path or "<root>", c.steps_label(), c.backend, c.status,
                           "-" if e is None else f"{e.rel_l2:.2e} ({e.cosine:.5f})",
                           f"{c.reference}" + ("" if ref_e is None else f" {ref_e.rel_l2:.1e}"),
                           "-" if tr is None or tc is None else f"{tr:.3f} -> {tc:.3f}",
@@ -682,16 +683,25 @@ def _rules(choices: List[SiteChoice]) -> List[Tuple[Dict[str, Any], List[SiteCho
         rule: Dict[str, Any] = {"name": _rule_name(f"steps-{steps[0]}-{steps[1]}", backends, component, multi, used)}
         if component:
             rule["components"] = [component]
-        rule.update(pattern=list(dict.fromkeys(c.pattern for c in cs)), steps={"from": steps[0], "to": steps[1]},
-                    backend=list(backends))
+        _set_patterns(rule, [c.pattern for c in cs])
+        rule.update(steps={"from": steps[0], "to": steps[1]}, backend=list(backends))
         out.append((rule, cs))
     for (component, backends), (patterns, covered) in plain_groups.items():
         rule = {"name": _rule_name("all-steps", backends, component, multi, used)}
         if component:
             rule["components"] = [component]
-        rule.update(pattern=patterns, backend=list(backends))
+        _set_patterns(rule, patterns)
+        rule["backend"] = list(backends)
         out.append((rule, covered))
     return out
+
+
+def _set_patterns(rule: Dict[str, Any], patterns: Sequence[str]) -> None:
+    """A rule's ``pattern``: the sites' paths inside their component. A target that is itself the
+    only site (path "") gets no pattern (the rule then selects every site, i.e. that one)."""
+    patterns = list(dict.fromkeys(patterns))
+    if patterns != [""]:
+        rule["pattern"] = patterns
 
 
 def _recipe_dict(choices: List[SiteChoice], exclude, name: str, bound: Bound) -> Dict[str, Any]:
@@ -736,7 +746,8 @@ def _floor_recipe(capture: Capture, choices: List[SiteChoice], exclude) -> Optio
         rule: Dict[str, Any] = {"name": _rule_name("floor", backends, component, multi, used)}
         if component:
             rule["components"] = [component]
-        rule.update(pattern=patterns, backend=list(backends))
+        _set_patterns(rule, patterns)
+        rule["backend"] = list(backends)
         rules.append(rule)
     rec = {"version": 1, "name": "calibrate-floor", "default_backend": "auto", "rules": rules}
     if exclude:
@@ -782,7 +793,7 @@ def _validate_and_back_off(runner: _Runner, choices: List[SiteChoice], bound: Bo
             c.backend = c.reference
             c.status = "back to exact"
             c.why = f"back-off round {round_no + 1}" + (f"; {c.why}" if c.why else "")
-        backoff.append(BackoffRound(round_no + 1, psnr_db, rel, [f"{c.path} steps {c.steps_label()} ({c.initial})"
+        backoff.append(BackoffRound(round_no + 1, psnr_db, rel, [f"{c.path or '<root>'} steps {c.steps_label()} ({c.initial})"
                                                                  for c in revert]))
         runner.total += 1
         logger.info("attnpatch.calibrate: the bound was missed (PSNR %s, rel L2 %.3g); %d site-steps back to exact",
@@ -831,7 +842,7 @@ def _choice_comment(c: SiteChoice) -> str:
     e = c.error
     ref = c.errors.get(c.reference)
     tr, tc = c.times_ms.get(c.reference), c.times_ms.get(c.backend)
-    parts = [f"{c.path} steps {c.steps_label()}: {c.backend}"]
+    parts = [f"{c.path or '<root>'} steps {c.steps_label()}: {c.backend}"]
     if e is not None:
         parts.append(f"rel L2 {e.rel_l2:.2e}, cosine {e.cosine:.5f}")
     if c.backend != c.reference and ref is not None:
@@ -889,7 +900,8 @@ def _recipe_yaml(cal: Calibration) -> str:
         lines.append(f"  - name: {_q(rule['name'])}")
         if "components" in rule:
             lines.append(f"    components: [{', '.join(_q(x) for x in rule['components'])}]")
-        lines.append(f"    pattern: [{', '.join(_q(x) for x in rule['pattern'])}]")
+        if "pattern" in rule:
+            lines.append(f"    pattern: [{', '.join(_q(x) for x in rule['pattern'])}]")
         if "steps" in rule:
             lines.append(f"    steps: {{from: {rule['steps']['from']}, to: {rule['steps']['to']}}}")
         lines.append(f"    backend: [{', '.join(_q(x) for x in rule['backend'])}]")
