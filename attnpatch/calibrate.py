@@ -215,7 +215,7 @@ class Calibration:
 
     @property
     def lossy_choices(self) -> List[SiteChoice]:
-        return [c for c in self.choices if registry.get_backend(c.backend).LOSSY]
+        return [c for c in self.choices if c.status == "lossy"]
 
     def saved_ms(self) -> float:
         """Attention time the recipe saves per run of the calibration workload (ms, from the timings)."""
@@ -534,7 +534,7 @@ def _capture_run(target, run, seed: int, capture: Capture, exclude, trace: bool)
                         out = run(target)
                 else:
                     out, tr = run(target), None
-            return quality.to_tensor(out), tr, sites
+            return quality.to_tensor(out).clone(), tr, sites  # a copy: the reference of every comparison
         finally:
             patch.remove()
     finally:

@@ -324,7 +324,8 @@ class Capture:
             rec.not_sampled[f"one head's sample is {size / 2**20:.1f} MiB, over the budget of "
                             f"{self.budget / 2**20:.1f} MiB (raise budget=)"] += 1
             return
-        with torch.no_grad():
+        # the user's run may be under autocast: the sample and its reference keep their own dtypes
+        with torch.no_grad(), torch.autocast(q.device.type, enabled=False):
             group = hq // hkv
             qa = q[0].abs().amax(dim=(1, 2)).float()
             ka = k[0].abs().amax(dim=(1, 2)).float().repeat_interleave(group)
