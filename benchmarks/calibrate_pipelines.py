@@ -24,7 +24,9 @@ For each pipeline:
    (``--variants`` adds ``auto`` = ``attnpatch.apply(pipe)``). Each child builds the pipeline (timed
    apart), then times the *first run* from before ``import attnpatch`` + ``apply`` to the end of the
    first call (CUDA synchronised), then a second run (*steady state*). Its decoded output is compared
-   with the stock child's: PSNR, SSIM, relative L2, max abs.
+   with the stock child's: PSNR, SSIM, relative L2, max abs. The children use the machine's Triton
+   and attnpatch caches (which the calibration filled: what a user who calibrated on this machine
+   sees); ``--fresh-caches`` gives each an empty one (a first run on a new machine).
 
 Writes ``calibrate_pipelines.json`` and ``calibrate_pipelines.md`` (+ the files above) to ``--out``.
 Outputs of the children go to a temporary folder (``--keep-outputs DIR`` keeps them; a Wan video is
@@ -250,8 +252,14 @@ def child_time(args) -> Dict[str, Any]:
 
 # -- the parent ---------------------------------------------------------------------------------------------
 
-def _child(args, extra: List[str], timeout: float) -> Tuple[Optional[Dict[str, Any]], str]:
-    """Run this script as a child; returns (its result dict or None, an error message)."""
+def _child(args, extra: List[str], timeout: float, fresh_caches: bool = False) -> Tuple[Optional[Dict[str, Any]], str]:
+    """Run this script as a child; returns (its result dict or None, an error message). With
+    ``fresh_caches`` the child gets empty Triton and attnpatch caches (a first run on a new machine)."""
+    env = dict(os.environ)
+    cache = None
+    if fresh_caches:
+        cache = tempfile.mkdtemp(prefix="calibrate-caches-")
+        env.update(TRITON_CACHE_DIR=os.path.join(cache, "triton"), ATTNPATCH_CACHE_DIR=os.path.join(cache, "attnpatch"))
     fd, result = tempfile.mkstemp(suffix=".json")
     os.close(fd)
     cmd = [sys.executable, os.path.abspath(__file__), "--child-result", result, "--out", args.out,
@@ -260,7 +268,7 @@ def _child(args, extra: List[str], timeout: float) -> Tuple[Optional[Dict[str, A
            "--bound-on", args.bound_on] + (["--small"] if args.small else []) + extra
     print("$ " + " ".join(cmd[2:]), flush=True)
     try:
-        proc = subprocess.run(cmd, timeout=max(30.0, timeout))
+        proc = subprocess.run(cmd, timeout=max(30.0, timeout), env=env)
         if proc.returncode != 0:
             return None, f"child exited with {proc.returncode}"
         with open(result) as fh:
@@ -269,6 +277,8 @@ def _child(args, extra: List[str], timeout: float) -> Tuple[Optional[Dict[str, A
         return None, f"timed out after {timeout:.0f} s (--budget-s)"
     finally:
         os.unlink(result)
+        if cache is not None:
+            shutil.rmtree(cache, ignore_errors=True)
 
 
 def _compare(a_path: str, b_path: str) -> Dict[str, Any]:
@@ -316,7 +326,7 @@ def run_model(name: str, args, deadline: float, tmp: str) -> Dict[str, Any]:
         extra = ["--child", "time", "--model", name, "--variant", v, "--output-file", out_file]
         if v in ("calibrated", "wan-lossy"):
             extra += ["--recipe", recipe if v == "calibrated" else "wan-lossy"]
-        got, err = _child(args, extra, left)
+        got, err = _child(args, extra, left, fresh_caches=args.fresh_caches)
         res["variants"][v] = got or {"error": err}
         if got:
             got["output_file"] = out_file
@@ -385,7 +395,10 @@ def markdown(results: Dict[str, Any]) -> str:
             lines.append("")
         else:
             lines += [f"Calibration: {cal.get('error') or cal.get('skipped')}", ""]
-        lines += ["Each variant in a fresh process; first run = `import attnpatch` + `apply` + the first call.", "",
+        caches = ("empty Triton and attnpatch caches" if results["fresh_caches"]
+                  else "the machine's Triton and attnpatch caches, as the calibration left them")
+        lines += [f"Each variant in a fresh process ({caches}); first run = `import attnpatch` + `apply` + the "
+                  "first call.", "",
                   "| variant | build s | first run s | first vs stock | steady s | steady vs stock | output vs stock | backends |",
                   "|---|---|---|---|---|---|---|---|"]
         for v, r in res["variants"].items():
@@ -417,6 +430,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--budget-s", type=float, default=470.0, help="skip what no longer fits after this many seconds")
     p.add_argument("--small", action="store_true", help="tiny configs on the CPU (or GPU): checks the script")
     p.add_argument("--keep-outputs", metavar="DIR", help="keep the children's decoded outputs here")
+    p.add_argument("--fresh-caches", action="store_true",
+                   help="give each timing child empty Triton and attnpatch caches (default: the machine's, which "
+                        "the calibration has filled: the first run of a user who calibrated here)")
     # internal: child processes
     p.add_argument("--child", choices=["calibrate", "time"], help=argparse.SUPPRESS)
     p.add_argument("--child-result", help=argparse.SUPPRESS)
@@ -459,7 +475,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     deadline = t0 + args.budget_s
     device, dtype = _device_and_dtype(args)
     results: Dict[str, Any] = {
-        "small": args.small, "models": [],
+        "small": args.small, "fresh_caches": args.fresh_caches, "models": [],
         "workloads": {
             "wan": (f"480x832, {args.wan_frames} frames, {args.wan_steps} steps, CFG 5.0" if not args.small
                     else f"16x16, 5 frames, {args.wan_steps} steps, CFG 5.0"),
