@@ -174,11 +174,6 @@ class Validation:
     teacher_forced: List[StepError] = field(default_factory=list)
     note: str = ""
 
-    def worst_step(self) -> Optional[StepError]:
-        if not self.teacher_forced:
-            return None
-        return max(self.teacher_forced, key=lambda e: e.rel_l2)
-
     def as_dict(self) -> Dict[str, Any]:
         return {"free_running": self.free_running.as_dict() if self.free_running else None,
                 "teacher_forced": [dataclasses.asdict(e) for e in self.teacher_forced], "note": self.note}
@@ -245,7 +240,7 @@ class Calibration:
         v, f = self.validation, self.floor
         rows = []
         if v.free_running is not None or f.free_running is not None:
-            rows.append(("output, free-running", v.free_running.describe() if v.free_running else v.note or "-",
+            rows.append(("output, free-running", v.note or (v.free_running.describe() if v.free_running else "-"),
                          f.free_running.describe() if f.free_running else f.note or "-"))
         if v.teacher_forced or f.teacher_forced:
             rows.append(("steps, teacher-forced", _describe_steps(v.teacher_forced) or v.note or "-",
@@ -870,7 +865,9 @@ def _recipe_yaml(cal: Calibration) -> str:
                       + ". Backends are named for this machine; calibrate again on another."),
              _comment(f"bound: {cal.bound.describe()}: {'met' if cal.bound_met else 'MISSED'}.")]
     v, f = cal.validation, cal.floor
-    if v.free_running is not None:
+    if v.note:
+        lines.append(_comment(f"validation {v.note}"))
+    elif v.free_running is not None:
         lines.append(_comment(f"output, free-running: {v.free_running.describe()}"
                               + (f"; exact-kernel floor: {f.free_running.describe()}" if f.free_running else "")))
     if v.teacher_forced:
