@@ -299,6 +299,44 @@ def test_sample_takes_the_heads_most_exposed_to_rounding():
     assert cap._rows(300, True) is None and cap._rows(100, False) is None  # causal: every row
 
 
+class MaskedLayer(nn.Module):
+    """SDPA with a causal flag or a key-padding mask (the sample slices the mask; the reference follows)."""
+
+    def __init__(self, kind: str, dim=32, heads=2):
+        super().__init__()
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.kind, self.heads = kind, heads
+
+    def forward(self, x):
+        b, s, dim = x.shape
+        q, k, v = self.qkv(x).view(b, s, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        if self.kind == "causal":
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        keep = torch.ones(b, 1, 1, s, dtype=torch.bool)
+        keep[..., s - s // 5:] = False  # the last fifth of the keys is padding
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+
+
+@pytest.mark.parametrize("kind", ["causal", "padding"])
+def test_samples_of_causal_and_masked_calls_are_measured_right(kind):
+    torch.manual_seed(0)
+    model = MaskedLayer(kind).eval()
+    x = torch.randn(2, 400, 32)
+
+    def run(m):
+        with torch.no_grad():
+            return m(x)
+    cal = run_calibrate(model, run, candidates=[Quantized.NAME, "sdpa_math"], query_rows=128, min_psnr=0.0)
+    (c,) = cal.choices
+    # an exact kernel matches the float64 reference on the sample: the sample kept the mask semantics
+    assert c.errors["sdpa_math"].rel_l2 < 1e-5 and c.errors["sdpa"].rel_l2 < 1e-5
+    assert 1e-4 < c.errors[Quantized.NAME].rel_l2 < 0.1
+    d = 16
+    rows = 400 if kind == "causal" else 128  # causal calls keep every query row
+    mask_bytes = 0 if kind == "causal" else 400  # the (1, 1, 1, seq_kv) bool slice of the mask
+    assert c.sample_bytes == 2 * (rows * d + 400 * 2 * d) * 4 + mask_bytes
+
+
 # -- exact undo -------------------------------------------------------------------------------------------
 
 def test_remove_leaves_the_model_as_it_was():
