@@ -419,7 +419,8 @@ def calibrate(target, run: Callable[[Any], Any], *, candidates: Optional[Sequenc
             raise ValueError(f"attnpatch.calibrate: {label} must be a number >= 0, got {value!r}")
     if not (0 < backoff_fraction <= 1):
         raise ValueError(f"attnpatch.calibrate: backoff_fraction must be in (0, 1], got {backoff_fraction!r}")
-    for label, value in (("budget", budget), ("heads", heads), ("query_rows", query_rows), ("max_samples", max_samples)):
+    for label, value in (("budget", budget), ("heads", heads), ("query_rows", query_rows),
+                         ("max_samples", max_samples)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"attnpatch.calibrate: {label} must be a positive int, got {value!r}")
     if candidates is not None:
@@ -555,7 +556,8 @@ def _time_candidates(capture: Capture, timer) -> Tuple[Dict[Tuple[Call, str], fl
                     raise ValueError(f"timer returned {ms!r}")
                 times[(call, name)] = ms
             except Exception as exc:  # a backend that cannot be timed is not chosen; say why
-                failed[(call, name)] = f"timing raised {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+                first = str(exc).splitlines()[0][:200] if str(exc) else ""
+                failed[(call, name)] = f"timing raised {type(exc).__name__}: {first}"
                 logger.warning("attnpatch.calibrate: timing %s on %s failed: %s", name, call.describe(),
                                failed[(call, name)])
     return times, failed
@@ -788,8 +790,8 @@ def _validate_and_back_off(runner: _Runner, choices: List[SiteChoice], bound: Bo
             c.backend = c.reference
             c.status = "back to exact"
             c.why = f"back-off round {round_no + 1}" + (f"; {c.why}" if c.why else "")
-        backoff.append(BackoffRound(round_no + 1, psnr_db, rel, [f"{c.path or '<root>'} steps {c.steps_label()} ({c.initial})"
-                                                                 for c in revert]))
+        reverted = [f"{c.path or '<root>'} steps {c.steps_label()} ({c.initial})" for c in revert]
+        backoff.append(BackoffRound(round_no + 1, psnr_db, rel, reverted))
         runner.total += 1
         logger.info("attnpatch.calibrate: the bound was missed (PSNR %s, rel L2 %.3g); %d site-steps back to exact",
                     quality.format_db(psnr_db), rel, len(revert))
@@ -872,7 +874,8 @@ def _recipe_yaml(cal: Calibration) -> str:
                               + (f"; exact-kernel floor: {f.free_running.describe()}" if f.free_running else "")))
     if v.teacher_forced:
         lines.append(_comment(f"steps, teacher-forced: {_describe_steps(v.teacher_forced)}"
-                              + (f"; exact-kernel floor: {_describe_steps(f.teacher_forced)}" if f.teacher_forced else "")))
+                              + (f"; exact-kernel floor: {_describe_steps(f.teacher_forced)}"
+                                 if f.teacher_forced else "")))
     if cal.buckets:
         lines.append(_comment(f"{cal.total_steps} denoising steps, calibrated in ranges "
                               + ", ".join(f"{a}-{b}" for a, b in cal.buckets)))

@@ -34,7 +34,6 @@ serves them). Calls traced by torch.compile are refused (calibrate the model bef
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import logging
 import math
@@ -358,7 +357,8 @@ class Capture:
                 try:
                     out = self._run_sample(name, scall, qs, ks, vs, ms, c, s)
                 except Exception as exc:  # a candidate that fails here is not chosen; say why
-                    rec.failed[name] = f"raised {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+                    first = str(exc).splitlines()[0][:200] if str(exc) else ""
+                    rec.failed[name] = f"raised {type(exc).__name__}: {first}"
                     continue
                 outs[name] = out
                 rec.errors[name] = sample_errors(out, ref_out).worst(rec.errors.get(name))
@@ -403,7 +403,8 @@ def reference_attention(q, k, v, mask, causal: bool, scale) -> torch.Tensor:
             if mk.dtype != torch.bool:
                 mk = mk.to(dt)
         if causal:  # SDPA's top-left causal, for rows a.. of the full sequence
-            keep = torch.arange(skv, device=q.device)[None, :] <= torch.arange(a, a + part.shape[2], device=q.device)[:, None]
+            rows = torch.arange(a, a + part.shape[2], device=q.device)
+            keep = torch.arange(skv, device=q.device)[None, :] <= rows[:, None]
             if mk is None:
                 mk = keep
             elif mk.dtype == torch.bool:
