@@ -8,9 +8,11 @@ Public names only; each lives in the module its name points to:
 * `apply`, `remove`, `patched`, `Patch`, `Site` — `attnpatch.patch` (adapters: ``attnpatch.adapters``)
 * `Report`, `ReportRow` — `attnpatch.report` (what `Patch.report()` returns)
 * `step`, `current_step`, `RecipeError` — `attnpatch.recipes` (the recipe format and step schedules)
+* `calibrate`, `Calibration` — `attnpatch.calibrate` (calibrated lossy recipes)
 
 Note: ``attnpatch.backends`` is the function that lists backends; the backend modules themselves are
-imported as ``from attnpatch.backends.sdpa import SdpaBackend``.
+imported as ``from attnpatch.backends.sdpa import SdpaBackend``. Likewise ``attnpatch.calibrate`` is
+the function; import the module's other names with ``from attnpatch.calibrate import ...``.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from .router import BackendUnsupportedError, Explanation, Stats, attention_forwa
 from .patch import Patch, Site, apply, patched, remove
 from .report import Report, ReportRow
 from .recipes import RecipeError, current_step, step
+from .calibrate import Calibration, calibrate
 
 _backends_pkg.register_builtin()
 
@@ -56,5 +59,5 @@ __all__ = [
     "attention_forward", "explain", "stats", "backends", "register_backend", "unregister_backend",
     "use_backend", "reload_env", "clear_cache", "apply", "remove", "patched", "Patch", "Site", "Backend", "BackendInfo", "BackendUnsupportedError", "Call",
     "Report", "ReportRow", "Scope",
-    "Explanation", "Stats", "step", "current_step", "RecipeError", "__version__",
+    "Explanation", "Stats", "step", "current_step", "RecipeError", "calibrate", "Calibration", "__version__",
 ]

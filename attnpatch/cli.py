@@ -1158,6 +1158,77 @@ def cmd_demo(args) -> int:
     return 0 if ok else EXIT_FAIL
 
 
+# -- calibrate -------------------------------------------------------------------------------------------
+
+def cmd_calibrate(args) -> int:
+    """Run MODEL's workload exact, measure every site's error on its own activations, write the fastest
+    recipe within the bound (attnpatch.calibrate) to --out, and print the report."""
+    import torch
+
+    import attnpatch
+    from . import tiny_models
+
+    _quiet_libraries()
+    device = _device(args.device)
+    obj, kind, label = load_model(args.model, args.trust_remote_code, device=device,
+                                  dtype=_dtype(args.dtype) if args.dtype else None)
+    if kind == "diffusers":
+        raise CliError(f"{label} is a single diffusers model; calibrating runs a workload",
+                       "give the pipeline folder (with model_index.json) instead", EXIT_USAGE)
+    if args.prompt and (kind != "pipeline" or label in tiny_models.NAMES):
+        print(f"note: --prompt is not used for {label} (built-in pipelines take fixed prompt embeddings; "
+              "models run their example inputs)", file=sys.stderr)
+
+    def run(target):
+        if kind == "pipeline" and args.prompt and label not in tiny_models.NAMES:
+            kw = dict(prompt=args.prompt, num_inference_steps=args.steps, output_type="pt",
+                      generator=torch.Generator("cpu").manual_seed(args.seed))
+            if args.size:
+                kw.update(height=args.size, width=args.size)
+            with torch.no_grad():
+                return _first_tensor(target(**kw))
+        return run_model_once(target, kind, label, steps=args.steps, size=args.size, seed=args.seed)
+
+    bar = None
+    if not args.no_progress and sys.stderr.isatty():
+        try:
+            from tqdm import tqdm
+
+            bar = tqdm(total=1, desc="calibrate", file=sys.stderr, leave=False)
+        except ImportError:
+            bar = None
+
+    def progress(done: int, total: int, phase: str) -> None:
+        if args.no_progress:
+            return
+        if bar is None:
+            print(f"calibrate [{min(done + 1, total)}/{total}] {phase}", file=sys.stderr, flush=True)
+            return
+        bar.total, bar.n = total, done
+        bar.set_description(f"calibrate: {phase}")
+        bar.refresh()
+
+    candidates = [n.strip() for n in args.candidates.split(",") if n.strip()] if args.candidates else None
+    try:
+        cal = attnpatch.calibrate(obj, run, candidates=candidates, min_psnr=args.min_psnr, max_error=args.max_error,
+                                  bound_on=args.bound_on, step_buckets=args.step_buckets, seed=args.seed,
+                                  recipe=_recipe_arg(args), progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    try:
+        cal.save(args.out)
+    except OSError as exc:
+        raise CliError(f"cannot write {args.out}: {exc.strerror or exc}", "check the folder exists and is writable",
+                       EXIT_FAIL) from None
+    print(cal.report())
+    print(f"\nwrote {args.out}; use it with attnpatch.apply(pipe, recipe={args.out!r})")
+    if args.json:
+        _write_json(args.json, cal.as_dict())
+        print(f"wrote {args.json}")
+    return 0
+
+
 # -- parser -------------------------------------------------------------------------------------------------
 
 class _Parser(argparse.ArgumentParser):
@@ -1267,6 +1338,33 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the fastest in a cache file. Without options: show where it is.")
     s.add_argument("--clear", action="store_true", help="delete the cached measurements")
     s.set_defaults(func=cmd_autotune)
+
+    s = sub.add_parser("calibrate", help="measure lossy kernels on a model's own activations, write a recipe",
+                       description="Run MODEL's workload exact, measure every candidate backend (lossy and exact) on "
+                                   "samples of each attention site's real inputs per step range, pick the fastest "
+                                   "within the bound, validate the whole run against the exact one (backing off "
+                                   "where the bound is missed), and write the recipe as YAML. " + models_help)
+    s.add_argument("model", metavar="MODEL")
+    s.add_argument("--out", required=True, help="the recipe file to write (.yaml)")
+    s.add_argument("--min-psnr", type=float, help="the bound: output PSNR vs the exact run, dB (default 35 when "
+                                                  "--max-error is not given either)")
+    s.add_argument("--max-error", type=float, help="the bound: output relative L2 vs the exact run")
+    s.add_argument("--bound-on", default="output", choices=["output", "step"],
+                   help="check the bound on the free-running output (default) or on every teacher-forced step")
+    s.add_argument("--steps", type=int, default=8, help="denoising steps for pipelines (default 8)")
+    s.add_argument("--step-buckets", type=int, default=4, help="step ranges calibrated separately (default 4)")
+    s.add_argument("--prompt", help="the prompt for a local pipeline (default: a fixed one)")
+    s.add_argument("--size", type=int, help="image size for pipelines")
+    s.add_argument("--candidates", help="comma-separated backends to consider (default: every available one)")
+    s.add_argument("--recipe", help="base recipe whose exclude list is kept (default: the shipped one that matches)")
+    s.add_argument("--no-recipe", action="store_true", help="no base recipe: every site is calibrated")
+    s.add_argument("--device", default="auto", help="cpu, cuda (default: cuda if present)")
+    s.add_argument("--dtype", help="cast the model (default: as built/saved)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--json", metavar="FILE", help="also write every measurement as JSON")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar or lines")
+    s.add_argument("--trust-remote-code", action="store_true", help="allow a model folder's own Python code to run")
+    s.set_defaults(func=cmd_calibrate)
 
     s = sub.add_parser("demo", help="run a small model stock and patched, and compare",
                        description="Build a small diffusion pipeline with random weights (no download), patch it "

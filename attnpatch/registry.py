@@ -311,6 +311,13 @@ class Backend:
         """Return the function that runs calls of this signature (decided once, then cached)."""
         raise NotImplementedError(f"backend {self.NAME!r} does not implement build()")
 
+    def build_for_site(self, call: Call, site) -> Runner:
+        """The runner for ``call`` made at patched site ``site`` (an `attnpatch.patch.Site`, or None for
+        a call made without one); the router uses it for eager calls (compiled calls use `build`).
+        Default: `build` (kernels do not depend on the site). `attnpatch.capture` overrides it to know
+        which site a sample comes from."""
+        return self.build(call)
+
     def __repr__(self) -> str:
         return f"<attnpatch backend {self.NAME!r}>"
 

@@ -443,9 +443,10 @@ def _new_plan(query, key, value, layout, attn_mask, is_causal, scale, dropout_p,
     decision = _decision_for(call, arg_names, ctx, site)
     _warn_fallback(decision)
     b = decision.backend
-    runner = _wrap(b.build(_build_call_for(b, call)), call, mask_spec, b)
+    owner = site.site if site is not None else None
+    runner = _wrap(b.build_for_site(_build_call_for(b, call), owner), call, mask_spec, b)
     shares = b.shares_runner_across_lengths(call) and not (attn_mask is not None and attn_mask.dim() < 3)
-    plan = Plan(decision, runner, site.site if site is not None else None, shares)
+    plan = Plan(decision, runner, owner, shares)
     if b.needs_unit_stride(call) and call.last_dim_contiguous:
         strided: List[Plan] = []
 
