@@ -10,6 +10,8 @@
 #   5. usability_gpu_check.py: the names table, CLI commands and report on the GPU
 #
 # Each step has its own time limit (STEP_TIMEOUT_* override) and its failure does not stop the others.
+# With BUILD_KERNELS_DIR=DIR (holding the source tarballs), benchmarks/build_kernels.sh starts in the
+# background (setsid) once the timing-sensitive steps are done.
 # Needs diffusers importable (carry the wheels: ../shared/gpu/wheels.sh).
 set -u
 cd "$(dirname "$0")/.."
@@ -42,7 +44,12 @@ step() {
 step gpu_tests "${STEP_TIMEOUT_TESTS:-160}" "$PY" -m pytest -q -m gpu -p no:cacheprovider \
   tests/test_gpu_core.py tests/test_gpu_backends.py tests/test_fp8_kernel.py --maxfail=20 -o addopts=""
 step routing_overhead "${STEP_TIMEOUT_ROUTING:-60}" "$PY" benchmarks/routing_overhead.py --out "$OUT" --repeats 31
-step compile_shapes "${STEP_TIMEOUT_COMPILE:-160}" "$PY" benchmarks/compile_shapes.py --out "$OUT" --layers 2
 step generate_timing "${STEP_TIMEOUT_GENERATE:-110}" "$PY" benchmarks/generate_timing.py --out "$OUT" --new-tokens 96
+if [ -n "${BUILD_KERNELS_DIR:-}" ]; then  # the timing-sensitive steps are done: build kernels meanwhile
+  echo "== starting build_kernels.sh $BUILD_KERNELS_DIR in the background"
+  MAX_JOBS="${BUILD_JOBS:-12}" setsid nohup bash benchmarks/build_kernels.sh "$BUILD_KERNELS_DIR" sage2 fa3 \
+    > "$BUILD_KERNELS_DIR/build_all.log" 2>&1 < /dev/null &
+fi
+step compile_shapes "${STEP_TIMEOUT_COMPILE:-160}" "$PY" benchmarks/compile_shapes.py --out "$OUT" --layers 2
 step usability "${STEP_TIMEOUT_USABILITY:-40}" "$PY" benchmarks/usability_gpu_check.py --out "$OUT"
 cat "$STATUS"

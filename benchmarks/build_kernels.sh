@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Build the third-party attention kernels attnpatch wraps, from source, on a GPU box with no network
+# (issue 13). Sources: the tarballs kept beside the project (../shared/src/: SageAttention-d1a57a5,
+# flash-attention-0251105a, cutlass-7127592-include); copy them into DIR first.
+#
+#   bash benchmarks/build_kernels.sh DIR [sage2] [fa3] [fa4]     # default: sage2 fa3
+#
+# Each kernel is installed with pip --target into DIR/<name>/site (put it on PYTHONPATH), its log in
+# DIR/<name>.log, its wall time and result in DIR/<name>.status. Builds run one after another; run this
+# in the background (setsid) while the GPU does other work.
+#
+# * sage2: SageAttention 2.2.0 (CUDA + Triton kernels), for sm90 only (TORCH_CUDA_ARCH_LIST=9.0): ~3.5 min
+#   with 16 cores. Its setup.py reads README.md, which the tarball keeps.
+# * fa3: FlashAttention 3 (flash-attention's hopper/), shrunk with its FLASH_ATTENTION_DISABLE_* switches
+#   to what attnpatch's matrix needs first: forward only, bf16, head dims 64 and 128, varlen and local
+#   (sliding window / causal translation) kept; no split-KV, paged KV, append-KV, softcap, packed GQA,
+#   fp16, fp8, clusters, other head dims or sm80 kernels. Widen by unsetting switches (each adds
+#   translation units of several minutes each).
+# * fa4: the flash-attn-4 wheel and its CUTLASS DSL stack, from wheels in DIR/fa4-wheels (the 92 MB
+#   CUDA-13 DSL library joined from part.* files, see ../shared/gpu/wheels.sh); its .pth file is not
+#   read from PYTHONPATH, so DIR/fa4/site gets a sitecustomize.py that calls site.addsitedir.
+# FlashAttention 2 (csrc/flash_attn: ~70 translation units, forward and backward for every head dim,
+# no switches to shrink them) and xFormers (its sdist needs submodules that are not kept here) are not
+# built by this script: docs/GPU_BACKENDS.md says what stops them.
+set -u
+DIR="${1:?usage: build_kernels.sh DIR [sage2] [fa3] [fa4]}"
+shift
+WHAT=("$@")
+[ ${#WHAT[@]} -eq 0 ] && WHAT=(sage2 fa3)
+DIR="$(cd "$DIR" && pwd)"
+JOBS="${MAX_JOBS:-$(nproc)}"
+PY="${PYTHON:-python3}"
+
+sage2() {
+  rm -rf "$DIR/sage2" && mkdir -p "$DIR/sage2/src"
+  tar xzf "$DIR"/SageAttention-*.tar.gz -C "$DIR/sage2/src" --strip-components=1
+  cd "$DIR/sage2/src" && TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS="$JOBS" \
+    "$PY" -m pip install --no-build-isolation --no-deps --no-index --target "$DIR/sage2/site" .
+}
+
+fa3() {
+  rm -rf "$DIR/fa3" && mkdir -p "$DIR/fa3/src"
+  tar xzf "$DIR"/flash-attention-*.tar.gz -C "$DIR/fa3/src" --strip-components=1
+  mkdir -p "$DIR/fa3/src/csrc/cutlass"
+  tar xzf "$DIR"/cutlass-*-include.tar.gz -C "$DIR/fa3/src/csrc/cutlass" --strip-components=1
+  [ -d "$DIR/fa3/src/csrc/cutlass/include" ] || { echo "cutlass include/ not found after unpacking"; return 1; }
+  local off
+  for off in BACKWARD SPLIT PAGEDKV APPENDKV SOFTCAP PACKGQA FP16 FP8 CLUSTER HDIM96 HDIM192 HDIM256 SM80 \
+             HDIMDIFF64 HDIMDIFF192; do
+    export "FLASH_ATTENTION_DISABLE_$off=TRUE"
+  done
+  cd "$DIR/fa3/src/hopper" && FLASH_ATTENTION_FORCE_BUILD=TRUE MAX_JOBS="$JOBS" NVCC_THREADS=4 \
+    "$PY" -m pip install --no-build-isolation --no-deps --no-index --target "$DIR/fa3/site" .
+}
+
+fa4() {
+  rm -rf "$DIR/fa4" && mkdir -p "$DIR/fa4/site"
+  local w="$DIR/fa4-wheels"
+  [ -f "$w/BIG_WHEEL_NAME" ] && [ ! -f "$w/$(cat "$w/BIG_WHEEL_NAME")" ] && cat "$w"/part.* > "$w/$(cat "$w/BIG_WHEEL_NAME")"
+  "$PY" -m pip install --no-index --no-deps --target "$DIR/fa4/site" "$w"/*.whl &&
+    printf 'import site\nsite.addsitedir(%r)\n' "$DIR/fa4/site" > "$DIR/fa4/site/sitecustomize.py"
+}
+
+for k in "${WHAT[@]}"; do
+  t0=$SECONDS
+  ( "$k" ) > "$DIR/$k.log" 2>&1
+  rc=$?
+  echo "$k rc=$rc $((SECONDS - t0))s" | tee "$DIR/$k.status"
+done
