@@ -247,16 +247,20 @@ def is_registered() -> bool:
     return IMPLEMENTATION in AttentionInterface._global_mapping
 
 
-def _config_class(orig: type, sites: List[Site]) -> type:
+def _config_class(orig: type, config, sites: List[Site]) -> type:
     """The per-patch class of a config: ``_attn_implementation`` reads "attnpatch" until someone sets
     the implementation (transformers' ``set_attn_implementation`` writes ``_attn_implementation_internal``,
     ``config._attn_implementation = ...`` goes through the same attribute); that choice then wins,
     warned once and shown in the report. The value itself stays in the config's ``__dict__``."""
     state = {"overridden": False}
     key = "_attn_implementation_internal"
+    patched = weakref.ref(config)  # other instances of this class (transformers builds some, e.g.
+    # ``self.__class__()`` in to_diff_dict) behave as the original class
 
     def implementation(self):
-        return IMPLEMENTATION if not state["overridden"] else self.__dict__.get(key)
+        if state["overridden"] or self is not patched():
+            return self.__dict__.get(key)
+        return IMPLEMENTATION
 
     def set_implementation(self, value):
         orig._attn_implementation.fset(self, value)  # transformers' setter (sub-configs too)
@@ -266,7 +270,7 @@ def _config_class(orig: type, sites: List[Site]) -> type:
 
     def set_internal(self, value):
         self.__dict__[key] = value
-        if value == IMPLEMENTATION or state["overridden"]:
+        if value == IMPLEMENTATION or state["overridden"] or self is not patched():
             return
         state["overridden"] = True
         logger.warning("attnpatch: attn_implementation of a patched %s was set to %r; attnpatch no longer "
@@ -431,7 +435,7 @@ class TransformersAdapter(Adapter):
             if type(config).__dict__.get("_attnpatch_orig") is not None:
                 continue  # already switched (shared with another patched root)
             orig = original_class(type(config))
-            undo.set_class(config, _config_class(orig, sites))
+            undo.set_class(config, _config_class(orig, config, sites))
 
     def patch_site(self, match: SiteMatch, site: Site, undo: UndoLog) -> None:
         # the config switch routes the module; the function finds the site in SITE_OF

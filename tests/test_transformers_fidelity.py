@@ -201,3 +201,21 @@ def test_return_lse_matches_the_reference():
     with pytest.raises(attnpatch.BackendUnsupportedError, match="does not return the log-sum-exp"):
         with attnpatch.use_backend("sdpa_math", strict=True):
             attnpatch.attention_forward(q, k, k, return_lse=True)
+
+
+def test_new_instances_of_a_patched_configs_class_do_not_turn_routing_off(caplog):
+    """transformers builds fresh configs of the config's own class (``self.__class__()`` in
+    to_diff_dict, used when a config is printed or saved): that must not count as the user switching
+    the implementation (seen with transformers 5.17 during generate)."""
+    model = MODELS["llama"]("sdpa")
+    ids, _ = _inputs(b=1, pad=0)
+    with caplog.at_level(logging.WARNING, logger="attnpatch"), attnpatch.patched(model, backend="sdpa_math") as p:
+        fresh = type(model.config)()
+        assert fresh._attn_implementation != "attnpatch"
+        model.config.to_diff_dict()
+        repr(model.config)
+        with torch.no_grad():
+            model(ids)
+        assert all(s.routed for s in p.sites)
+        assert {n for r in p.report().rows for n in r.calls} == {"sdpa_math"}
+    assert not any("no longer routes" in r.getMessage() for r in caplog.records)
