@@ -7,6 +7,7 @@ Public names only; each lives in the module its name points to:
 * `use_backend`, `reload_env` — `attnpatch.controls`
 * `apply`, `remove`, `patched`, `Patch`, `Site` — `attnpatch.patch` (adapters: ``attnpatch.adapters``)
 * `step`, `current_step`, `RecipeError` — `attnpatch.recipes` (the recipe format and step schedules)
+* `ContextParallel` — `attnpatch.parallel` (one model's sequence split over several processes)
 
 Note: ``attnpatch.backends`` is the function that lists backends; the backend modules themselves are
 imported as ``from attnpatch.backends.sdpa import SdpaBackend``.
@@ -23,6 +24,7 @@ from .registry import Backend, BackendInfo, register_backend, unregister_backend
 from .router import BackendUnsupportedError, Explanation, Stats, attention_forward, clear_cache, explain, stats
 from .patch import Patch, Site, apply, patched, remove
 from .recipes import RecipeError, current_step, step
+from .parallel import ContextParallel
 
 _backends_pkg.register_builtin()
 
@@ -53,5 +55,5 @@ def backends() -> List[BackendInfo]:
 __all__ = [
     "attention_forward", "explain", "stats", "backends", "register_backend", "unregister_backend",
     "use_backend", "reload_env", "clear_cache", "apply", "remove", "patched", "Patch", "Site", "Backend", "BackendInfo", "BackendUnsupportedError", "Call",
-    "Explanation", "Stats", "step", "current_step", "RecipeError", "__version__",
+    "Explanation", "Stats", "step", "current_step", "RecipeError", "ContextParallel", "__version__",
 ]

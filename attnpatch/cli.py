@@ -580,6 +580,10 @@ def _captured_shapes(args) -> List[dict]:
 
 
 def cmd_bench(args) -> int:
+    if getattr(args, "parallel", None):  # context parallelism: attnpatch/cli_parallel.py
+        from . import cli_parallel
+
+        return cli_parallel.bench(args)
     import torch
     import torch.nn.functional as F
 
@@ -847,6 +851,10 @@ def cmd_autotune(args) -> int:
 # -- demo -------------------------------------------------------------------------------------------------
 
 def cmd_demo(args) -> int:
+    if getattr(args, "parallel", None) and getattr(args, "parallel_config", None) is None:
+        from . import cli_parallel  # context parallelism: runs this function on every process
+
+        return cli_parallel.demo(args, cmd_demo)
     import torch
 
     import attnpatch
@@ -878,10 +886,12 @@ def cmd_demo(args) -> int:
 
     ref, t_stock = timed()
     attnpatch.stats(reset=True)
-    patch = attnpatch.apply(obj, recipe=_recipe_arg(args), backend=args.backend, allow_lossy=args.allow_lossy)
+    patch = attnpatch.apply(obj, recipe=_recipe_arg(args), backend=args.backend, allow_lossy=args.allow_lossy,
+                            parallel=getattr(args, "parallel_config", None))
     try:
         out, t_patched = timed()
         report = patch.report()
+        parallel_notes = [n for n in report.notes if n.startswith("context parallel")]
         rows = []
         for r in report.rows:
             s = r.site
@@ -899,6 +909,8 @@ def cmd_demo(args) -> int:
     print(f"recipe: {recipe_line}")
     if patch.left_alone:
         print(f"left alone (not patched): {', '.join(patch.left_alone)}")
+    for line in parallel_notes:
+        print(line)
     print()
     print(table(rows, ["site", "kind", "heads", "head_dim", "rule", "backend used (calls)"]))
     print()
@@ -969,6 +981,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--plot", metavar="FILE.png", help="write a bar chart (needs matplotlib)")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.add_argument("--trust-remote-code", action="store_true", help="allow a model folder's own Python code to run")
+    s.add_argument("--parallel", metavar="SPEC", help="under torchrun: time each --shape split over the processes "
+                   "(ulysses=N,ring=M) against one process")
     s.set_defaults(func=cmd_bench)
 
     s = sub.add_parser("recipe", help="list, show and check recipes",
@@ -1028,6 +1042,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--repeat", type=int, default=3, help="timed runs of each, after one warm-up (default 3)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--trust-remote-code", action="store_true", help="allow a model folder's own Python code to run")
+    s.add_argument("--parallel", metavar="SPEC", help="under torchrun: context parallelism (ulysses=N,ring=M) for "
+                   "the patched run; e.g. torchrun --nproc-per-node 2 -m attnpatch demo --parallel ulysses=2")
     s.set_defaults(func=cmd_demo)
     return p
 

@@ -359,6 +359,8 @@ class Patch:
         self.schedule = None
         #: changes outside the patched roots (e.g. a pipeline scheduler's step tracking).
         self._undo_extra = UndoLog()
+        #: context parallelism (`attnpatch.parallel.ParallelState`), or None.
+        self.parallel = None
 
     @property
     def sites(self) -> List[Site]:
@@ -378,6 +380,8 @@ class Patch:
             traced = sorted(router.compiled_decisions_of(s))
             rows.append(ReportRow(s, dict(calls), dict(fallbacks), traced))
         notes = [f"left alone (not patched): {', '.join(self.left_alone)}"] if self.left_alone else []
+        if self.parallel is not None:
+            notes += self.parallel.describe()
         return Report(rows, self.recipe_name, notes)
 
     def update(self, backend=None, *, strict: Optional[bool] = None, allow_lossy: Optional[bool] = None) -> "Patch":
@@ -498,7 +502,7 @@ def _site_scope(site: Site, settings: Settings, names, source: str) -> Scope:
 
 
 def apply(target, backend: Union[str, Sequence[str]] = "auto", recipe=None, allow_lossy: bool = False,
-          strict: bool = False) -> Patch:
+          strict: bool = False, parallel=None) -> Patch:
     """Route every attention call of ``target`` through `attnpatch.attention_forward`.
 
     ``target`` is a torch.nn.Module (diffusers, transformers, DiffSynth, timm or hand-written), a
@@ -512,20 +516,38 @@ def apply(target, backend: Union[str, Sequence[str]] = "auto", recipe=None, allo
     `attnpatch.recipes.Recipe`: its rules give each site its backend (see `attnpatch.recipes`). With
     ``recipe=None`` and ``backend="auto"``, a shipped recipe that matches the model is used (the report
     names it); ``recipe=False`` never uses one.
+
+    ``parallel`` (an `attnpatch.ContextParallel`, or a dict such as ``{"ulysses": 2}``) also splits the
+    model's sequence over the processes of a torch.distributed group (`attnpatch.parallel`); ``remove()``
+    undoes it too.
     """
     if not isinstance(strict, bool) or not isinstance(allow_lossy, bool):
         raise TypeError("attnpatch.apply: strict and allow_lossy must be bools")
     names = controls.normalise_backends(backend, "attnpatch.apply(backend=...)")
     if names is None:
         raise ValueError("attnpatch.apply: backend=None is not allowed; use 'auto' or a backend name")
+    for _, m in _components(target):  # a patch made with another parallel setting is not updated in place
+        p = _PATCHES.get(m)
+        if p is not None and p.parallel is not None and not p.parallel.same_as(parallel):
+            p.remove()
     if recipe is not False:
         from . import recipes
 
-        return recipes.apply_with_recipe(target, backend=backend, recipe=recipe, allow_lossy=allow_lossy,
-                                         strict=strict)
-    settings = Settings(backend=backend if isinstance(backend, str) else tuple(backend), strict=strict,
-                        allow_lossy=allow_lossy, recipe=None)
-    return apply_scoped(target, settings, lambda site: _site_scope(site, settings, names, "apply()"))
+        patch = recipes.apply_with_recipe(target, backend=backend, recipe=recipe, allow_lossy=allow_lossy,
+                                          strict=strict)
+    else:
+        settings = Settings(backend=backend if isinstance(backend, str) else tuple(backend), strict=strict,
+                            allow_lossy=allow_lossy, recipe=None)
+        patch = apply_scoped(target, settings, lambda site: _site_scope(site, settings, names, "apply()"))
+    if parallel is not None and patch.parallel is None:
+        from . import parallel as _parallel
+
+        try:
+            _parallel.attach(patch, target, parallel, recipe)
+        except BaseException:
+            patch.remove()
+            raise
+    return patch
 
 
 def apply_scoped(target, settings: Settings, scope_for: Callable[[Site], Optional[Scope]], *,
