@@ -18,7 +18,7 @@ import contextlib
 import io
 import os
 import statistics
-from typing import Any, Dict, List, Tuple
+from typing import Any, List, Tuple
 
 from .cli import EXIT_FAIL, EXIT_USAGE, CliError, _dtype, _time_call, _write_json, parse_shape, table
 

@@ -665,8 +665,7 @@ def _replicated_kv(cp: _CallPlan, q, k, v, m, c, s, sinks):
         m = _view4(m)
         sq = q.shape[1] if cp.layout == "bsnd" else q.shape[2]
         if m.shape[-2] not in (1, sq):
-            L, rows = _global_rows(cp, m.shape[-2], sq, q.device)
-            m = m.index_select(2, rows)
+            m = m.index_select(2, _global_rows(cp, m.shape[-2], sq, q.device))
     region.counts["cross-attention, K/V not split (local)"] += 1
     return cp.route(cp.inner, q, k, v, cp.layout, m, c, s, 0.0, cp.backend, cp.features, sinks)
 
@@ -683,7 +682,7 @@ def _global_rows(cp: _CallPlan, rows: int, sq: int, device):
             f"{cp.where}: its mask has {rows} query rows, but this process holds {sq} queries of a sequence of {L}; "
             "a mask inside the context-parallel region must have 1 query row, this process's rows, or the rows of "
             "one whole split sequence")
-    return L, region.layout.positions(L, region.layout.runs(L, g.index), device)
+    return region.layout.positions(L, region.layout.runs(L, g.index), device)
 
 
 def _lengths(region: Region, sq: int, skv: int, device) -> Tuple[List[int], List[int]]:
@@ -736,8 +735,7 @@ def _sharded(cp: _CallPlan, q, k, v, m, c, s, sinks):
     g = region.groups
     f = cp.features
     q, k, v = _bsnd(q, cp.layout), _bsnd(k, cp.layout), _bsnd(v, cp.layout)
-    b, sq, H, d = q.shape
-    skv, Hk = k.shape[1], k.shape[2]
+    sq, H, skv = q.shape[1], q.shape[2], k.shape[1]
     q_lens, kv_lens = _lengths(region, sq, skv, q.device)
     if c and q_lens != kv_lens:
         raise ContextParallelError(f"{cp.where}: causal attention between sequences of different lengths "
@@ -759,9 +757,12 @@ def _sharded(cp: _CallPlan, q, k, v, m, c, s, sinks):
         region.counts["ring over the whole group (heads do not divide ulysses)"] += 1
         if window is not None:
             raise _window_in_ring(cp)
-        runs = [region.layout.runs(sum(kv_lens), j) for j in range(g.size)] if (mask is not None and mask.kind == "global") else None
+        runs_q = runs_kv = None
+        if mask is not None and mask.kind == "global":
+            runs_q = [region.layout.runs(sum(q_lens), j) for j in range(g.size)]
+            runs_kv = [region.layout.runs(sum(kv_lens), j) for j in range(g.size)]
         out, lse = _ring(cp, q, k, v, mask, c, s, softcap, sinks, want_lse, q_lens, kv_lens, g.index, g.size,
-                         g.cp, g.ranks, "contiguous", runs, runs, 0, H)
+                         g.cp, g.ranks, "contiguous", runs_q, runs_kv)
         return _finish(cp, out, lse, want_lse)
     if U > 1:
         out, lse = _ulysses(cp, q, k, v, mask, c, s, window, softcap, sinks, want_lse, q_lens, kv_lens)
@@ -774,7 +775,7 @@ def _sharded(cp: _CallPlan, q, k, v, m, c, s, sinks):
             runs_q = [region.layout.runs(sum(q_lens), j) for j in range(g.size)]
             runs_kv = [region.layout.runs(sum(kv_lens), j) for j in range(g.size)]
         out, lse = _ring(cp, q, k, v, mask, c, s, softcap, sinks, want_lse, q_lens, kv_lens, g.index, R, g.ring,
-                         g.ring_ranks, region.layout.order, runs_q, runs_kv, 0, H)
+                         g.ring_ranks, region.layout.order, runs_q, runs_kv)
     return _finish(cp, out, lse, want_lse)
 
 
@@ -795,8 +796,7 @@ def _ulysses(cp: _CallPlan, q, k, v, mask: Optional[_Mask], causal, scale, windo
     region = cp.region
     g = region.groups
     U, R = g.U, g.R
-    b, sq, H, d = q.shape
-    Hk = k.shape[2]
+    H, Hk = q.shape[2], k.shape[2]
     h = H // U
     grp = slice(g.g * U, (g.g + 1) * U)
     lq, lkv = q_lens[grp], kv_lens[grp]
@@ -811,8 +811,7 @@ def _ulysses(cp: _CallPlan, q, k, v, mask: Optional[_Mask], causal, scale, windo
     if R == 1:
         region.counts["ulysses"] += 1
         mg = _ulysses_mask(cp, mask, H, h, lkv, Lq, Lkv, q.device)
-        features = cp.features
-        res = cp.route(cp.inner, qg, kg, vg, "bsnd", mg, causal, scale, 0.0, cp.backend, features, sinks_g)
+        res = cp.route(cp.inner, qg, kg, vg, "bsnd", mg, causal, scale, 0.0, cp.backend, cp.features, sinks_g)
         out, lse = res if want_lse else (res, None)
     else:
         if window is not None:
@@ -829,7 +828,7 @@ def _ulysses(cp: _CallPlan, q, k, v, mask: Optional[_Mask], causal, scale, windo
         gq = [sum(q_lens[j * U:(j + 1) * U]) for j in range(R)]
         gkv = [sum(kv_lens[j * U:(j + 1) * U]) for j in range(R)]
         out, lse = _ring(cp, qg, kg, vg, mg, causal, scale, softcap, sinks_g, want_lse, gq, gkv, g.g, R, g.ring,
-                         g.ring_ranks, region.layout.order, runs_q, runs_kv, g.u * h, H)
+                         g.ring_ranks, region.layout.order, runs_q, runs_kv)
     out = _heads_to_seq(out, lq, g.u, g.ulysses, U)
     if want_lse:
         lse = _lse_heads_to_seq(lse.float(), lq, g.u, g.ulysses, U)
@@ -885,7 +884,7 @@ def _blocks(mode: str, causal: bool, me: int, j: int, a_me: int, a_j: int):
 
 
 def _ring(cp: _CallPlan, q, k, v, mask: Optional[_Mask], causal, scale, softcap, sinks, want_lse, q_lens, kv_lens,
-          me: int, R: int, group, peers: Sequence[int], mode: str, runs_q, runs_kv, head_lo: int, H: int):
+          me: int, R: int, group, peers: Sequence[int], mode: str, runs_q, runs_kv):
     """Ring attention over R members (this one: ``me``): key/value blocks move to the next member each
     step while the current one is attended; partial results are merged by their log-sum-exp.
 
@@ -908,10 +907,8 @@ def _ring(cp: _CallPlan, q, k, v, mask: Optional[_Mask], causal, scale, softcap,
     if mask is not None and mask.kind == "local":
         local_masks = all_gather_along(mask.value, 3, group, kv_lens) if R > 1 else [mask.value]
     elif mask is not None:
-        L = sum(kv_lens)
         rows_idx = None if mask.value.shape[2] == 1 else region.layout.positions(sum(q_lens), runs_q[me], q.device)
-    if causal:
-        chunks = region.layout.chunk_sizes(sum(kv_lens)) if mode == "zigzag" else None
+    chunks = region.layout.chunk_sizes(sum(kv_lens)) if causal and mode == "zigzag" else None
     nxt_rank, prv_rank = peers[(me + 1) % R], peers[(me - 1) % R]
     acc_out = acc_lse = None
     for step in range(R):
@@ -934,8 +931,8 @@ def _ring(cp: _CallPlan, q, k, v, mask: Optional[_Mask], causal, scale, softcap,
             cols = region.layout.positions(sum(kv_lens), runs_kv[j], q.device)
             mj = mask.value if rows_idx is None else mask.value.index_select(2, rows_idx)
             mj = mj.index_select(3, cols)
-        a_me = chunks[me] if causal and mode == "zigzag" else 0
-        a_j = chunks[j] if causal and mode == "zigzag" else 0
+        a_me = chunks[me] if chunks is not None else 0
+        a_j = chunks[j] if chunks is not None else 0
         for rows, cols, diag in _blocks(mode, causal, me, j, a_me, a_j):
             qb = q[:, rows]
             kb, vb = kj[:, cols], vj[:, cols]
