@@ -600,7 +600,7 @@ class Region:
 
         inner = self.inner_scope(scope)
         site = scope.site
-        call = _CallPlan(self, inner, site, layout, backend, features, grad, dropout_p)
+        call = _CallPlan(self, inner, site, layout, backend, features, grad)
         plan = router.DelegatingPlan(router.Decision(router.registry.get_backend("sdpa"), "context parallel"),
                                      call.run, site)
         return plan
@@ -609,10 +609,9 @@ class Region:
 class _CallPlan:
     """The decisions fixed for one call signature of one site; `run` is what the router calls."""
 
-    __slots__ = ("region", "inner", "site", "layout", "backend", "features", "grad", "dropout_p", "route",
-                 "replicated", "where")
+    __slots__ = ("region", "inner", "site", "layout", "backend", "features", "grad", "route", "replicated", "where")
 
-    def __init__(self, region: Region, inner, site, layout, backend, features, grad, dropout_p):
+    def __init__(self, region: Region, inner, site, layout, backend, features, grad):
         from . import router
 
         self.region = region
@@ -622,7 +621,6 @@ class _CallPlan:
         self.backend = backend
         self.features = features
         self.grad = grad
-        self.dropout_p = dropout_p
         self.route = router.route
         kind = getattr(site, "kind", "unknown")
         self.replicated = kind == "cross" and not region.cross_kv_split
@@ -933,25 +931,25 @@ def _ring(cp: _CallPlan, q, k, v, mask: Optional[_Mask], causal, scale, softcap,
             mj = mj.index_select(3, cols)
         a_me = chunks[me] if chunks is not None else 0
         a_j = chunks[j] if chunks is not None else 0
-        for rows, cols, diag in _blocks(mode, causal, me, j, a_me, a_j):
-            qb = q[:, rows]
-            kb, vb = kj[:, cols], vj[:, cols]
-            mb = None
-            if mj is not None:
-                mb = mj[:, :, rows] if mj.shape[2] != 1 else mj
-                mb = mb[..., cols]
-            if qb.shape[1] == 0 or kb.shape[1] == 0:
-                continue
-            out, lse = cp.route(cp.inner, qb, kb, vb, "bsnd", mb, diag, scale, 0.0, cp.backend, features, None)
-            if acc_out is None:
-                acc_out = out.float().contiguous()
-                acc_lse = lse.float().contiguous()
-                if rows != slice(None):  # pragma: no cover - the first step is always the own block (all rows)
-                    raise AssertionError("ring: the first block must cover every query")
-            else:
-                merge_partial(acc_out[:, rows], acc_lse[:, :, rows], out, lse)
-        for r in reqs:
-            r.wait()
+        try:
+            for rows, cols, diag in _blocks(mode, causal, me, j, a_me, a_j):
+                qb = q[:, rows]
+                kb, vb = kj[:, cols], vj[:, cols]
+                mb = None
+                if mj is not None:
+                    mb = mj[:, :, rows] if mj.shape[2] != 1 else mj
+                    mb = mb[..., cols]
+                if qb.shape[1] == 0 or kb.shape[1] == 0:
+                    continue
+                out, lse = cp.route(cp.inner, qb, kb, vb, "bsnd", mb, diag, scale, 0.0, cp.backend, features, None)
+                if acc_out is None:  # the first step is the own block: every query row
+                    acc_out = out.float().contiguous()
+                    acc_lse = lse.float().contiguous()
+                else:
+                    merge_partial(acc_out[:, rows], acc_lse[:, :, rows], out, lse)
+        finally:  # the block in flight completes even when this step raised (no dangling transfer)
+            for r in reqs:
+                r.wait()
         if step + 1 < R:
             cur, nxt = nxt, cur
     if acc_out is None:  # no keys at all (empty sequence)
@@ -1000,7 +998,7 @@ class ContextParallelAttention:
 
         site = Site(path="ContextParallelAttention", adapter="parallel", kind="cross" if kv_whole else "self")
         grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
-        call = _CallPlan(self.region, None, site, layout, backend, None, grad, 0.0)
+        call = _CallPlan(self.region, None, site, layout, backend, None, grad)
         return call.run(query, key, value, attn_mask, is_causal, scale, 0.0)
 
 

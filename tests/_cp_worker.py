@@ -200,12 +200,21 @@ def _first(out):
     raise TypeError(type(out))
 
 
+def _modules(target):
+    comps = getattr(target, "components", None)
+    if isinstance(comps, dict):
+        return [m for m in comps.values() if isinstance(m, nn.Module)]
+    return [target]
+
+
 def compare(model, run, mesh, parallel, recipe=None, **apply_kw):
     """Reference, parallel and restored outputs of ``run(model)``; returns the result record."""
     import attnpatch
+    from _patch_helpers import assert_restored, snapshot
 
     with torch.no_grad():
         ref = _first(run(model)).clone()
+    before = [snapshot(m) for m in _modules(model)]
     spec = dict(parallel, mesh=mesh) if isinstance(parallel, dict) else parallel
     patch = attnpatch.apply(model, recipe=recipe, parallel=spec, **apply_kw)
     try:
@@ -220,7 +229,14 @@ def compare(model, run, mesh, parallel, recipe=None, **apply_kw):
         patch.remove()
     with torch.no_grad():
         restored = _first(run(model))
+    try:
+        for m, snap in zip(_modules(model), before):
+            assert_restored(m, snap)
+        restored_vars = "ok"
+    except AssertionError as exc:
+        restored_vars = str(exc)
     return {"maxdiff": (out - ref).abs().max().item(), "repeat_equal": torch.equal(out, again),
+            "restored_vars": restored_vars,
             "scale": ref.abs().max().item(), "restored": torch.equal(restored, ref), "report": report,
             "counts": dict(counts), "shape": list(out.shape)}
 
@@ -419,6 +435,25 @@ def _refuse_degrees(mesh):
     import attnpatch
 
     return expect_error(lambda: attnpatch.apply(_tiny("tiny-wan"), parallel=dict(ulysses=3, mesh=mesh)))
+
+
+@case("ring-needs-lse-backends", 2)
+def _ring_lse(mesh):
+    """A backend without a log-sum-exp cannot serve ring steps: strict raises the router's reason, the
+    default falls back (counted in the report) and stays exact."""
+    import attnpatch
+
+    model = _tiny("tiny-wan")
+    kw = _wan_inputs()
+    patch = attnpatch.apply(model, backend="sdpa", strict=True, recipe=False, parallel=dict(R2, mesh=mesh))
+    try:
+        with torch.no_grad():
+            strict = expect_error(lambda: model(**kw))
+    finally:
+        patch.remove()
+    out = compare(model, lambda m: m(**kw), mesh, R2, recipe=False, backend="sdpa")
+    out.update(strict)
+    return out
 
 
 @case("reapply-and-switch", 2)

@@ -68,7 +68,7 @@ def cp_results(tmp_path_factory):
     return results
 
 
-MODEL_CASES = [n for n in _cp_worker.CASES if not n.startswith(("refuse-", "reapply-"))]
+MODEL_CASES = [n for n in _cp_worker.CASES if not n.startswith(("refuse-", "reapply-", "ring-needs-lse"))]
 
 
 def _expected_mode(name: str) -> str:
@@ -88,6 +88,7 @@ def test_parallel_output_matches_single_process_and_removal_is_exact(cp_results,
         assert "error" not in r, f"rank {rank}: {r.get('traceback', r.get('error'))}"
         assert r["maxdiff"] <= TOLERANCE * max(1.0, r["scale"]), (rank, r["maxdiff"], r["scale"])
         assert r["restored"], f"rank {rank}: output after remove() differs from the unpatched output"
+        assert r["restored_vars"] == "ok", f"rank {rank}: {r['restored_vars']}"  # types, vars(), state_dict()
         assert r["repeat_equal"], f"rank {rank}: a second forward (cached plans) gave another result"
         assert "context parallel:" in r["report"]
         assert r["counts"].get(_expected_mode(name), 0) > 0, (rank, r["counts"])
@@ -144,6 +145,16 @@ def test_plan_naming_a_missing_module_is_refused_with_the_closest_paths(cp_resul
 def test_degrees_that_do_not_divide_the_group_are_refused(cp_results):
     r = _refusal(cp_results, "refuse-bad-degrees")
     assert r["error_type"] == "ValueError" and "ulysses=3 does not divide the group size 2" in r["message"]
+
+
+def test_ring_steps_need_a_backend_that_returns_the_log_sum_exp(cp_results):
+    for res in cp_results:
+        r = res["ring-needs-lse-backends"]
+        assert "error" not in r, r.get("traceback")
+        assert r["error_type"] == "BackendUnsupportedError"
+        assert "sdpa: return_lse: this kernel does not return the log-sum-exp" in r["message"]
+        assert "fell back sdpa ->" in r["report"] and "return_lse: this kernel does not return" in r["report"]
+        assert r["maxdiff"] <= TOLERANCE * max(1.0, r["scale"]) and r["restored"]
 
 
 def test_apply_again_keeps_or_replaces_the_parallel_patch(cp_results):
@@ -291,7 +302,7 @@ parallel:
     with pytest.raises(attnpatch.RecipeError, match=r"parallel.cross_attention: unknown value 'whole'"):
         recipes.loads("version: 1\nname: a\nparallel:\n  cross_attention: whole\n  split:\n"
                       "    - {module: x, input: a, dim: 1}\n  gather:\n    - {module: y, dim: 1}\n", "a.yaml")
-    with pytest.raises(attnpatch.RecipeError, match=r"parallel.split\[0\]: unknown key \(did you mean 'module'\?\)"):
+    with pytest.raises(attnpatch.RecipeError, match=r"a.yaml:5: parallel.split\[0\].modul: unknown key \(did you mean 'module'\?\)"):
         recipes.loads("version: 1\nname: a\nparallel:\n  split:\n    - {modul: x, input: a, dim: 1}\n  gather:\n"
                       "    - {module: y, dim: 1}\n", "a.yaml")
     ok = recipes.loads(text.replace("parts: [y]", "parts: [x]"), "mine.yaml")
