@@ -980,6 +980,7 @@ class ContextParallelAttention:
         self.groups = resolve_groups(self.config)
         self.region = Region(self.groups, SequencePlan((), (), causal=causal, source="ContextParallelAttention"))
         self.region.active = True
+        self._calls: Dict[tuple, _CallPlan] = {}
 
     def shard(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         out = self.region.split(x, dim, f"tensor of {x.shape[dim % x.dim()]}")
@@ -994,11 +995,14 @@ class ContextParallelAttention:
                  scale=None, backend=None, kv_whole: bool = False):
         """This process's part of the attention output (same layout). ``kv_whole``: key/value are whole on
         every process (cross-attention), so each process attends locally."""
-        from .patch import Site
-
-        site = Site(path="ContextParallelAttention", adapter="parallel", kind="cross" if kv_whole else "self")
         grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
-        call = _CallPlan(self.region, None, site, layout, backend, None, grad)
+        key_ = (layout, backend if backend is None or isinstance(backend, str) else tuple(backend), kv_whole, grad)
+        call = self._calls.get(key_)
+        if call is None:
+            from .patch import Site
+
+            site = Site(path="ContextParallelAttention", adapter="parallel", kind="cross" if kv_whole else "self")
+            call = self._calls[key_] = _CallPlan(self.region, None, site, layout, backend, None, grad)
         return call.run(query, key, value, attn_mask, is_causal, scale, 0.0)
 
 

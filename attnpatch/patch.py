@@ -666,6 +666,9 @@ def _inside_claimed(path: str, claimed) -> bool:
 
 def _remove_roots_of(self: Patch, modules: List[torch.nn.Module]) -> None:
     with _LOCK:
+        if self.parallel is not None:  # context parallelism spans the whole patch: removing a part removes it all
+            self.remove()
+            return
         scopes = self._all_scopes()
         keep = []
         for rp in self._roots:

@@ -11,6 +11,11 @@ process; nothing is downloaded; each model is built once per process and reused)
 * ``flux``: FluxTransformer2DModel with Flux-dev's config, 1024 x 1024 (4096 image + 512 text tokens).
 * ``wan14b`` (opt-in: ``--models wan,flux,wan14b``): Wan2.1-14B's config at 720p x 81 frames (21 x 45 x
   80 = 75600 tokens); about 28 GiB of weights and tens of seconds per single-GPU forward.
+* ``wan-pipeline`` (opt-in): a whole ``WanPipeline`` with the 1.3B transformer, 480p x 81,
+  ``--pipeline-steps`` denoising steps (default 10) with classifier-free guidance (two transformer
+  forwards per step), prompt embeddings given directly (no tokenizer or text encoder: nothing to
+  download) and ``output_type="latent"`` (no VAE decode); one GPU vs attnpatch ulysses vs diffusers
+  ulysses, one timed run each after the first (the first call is reported too).
 
 Variants (W = the number of processes):
 
@@ -291,6 +296,83 @@ def bench_model(name: str, args, device, dtype, deadline: float, log) -> Dict[st
     return res
 
 
+def bench_pipeline(args, device, dtype, deadline: float, log) -> Dict[str, Any]:
+    """A whole WanPipeline run (CFG, several steps): one GPU vs attnpatch ulysses vs diffusers ulysses."""
+    import attnpatch
+    from diffusers import ContextParallelConfig, FlowMatchEulerDiscreteScheduler, WanPipeline
+
+    W = dist.get_world_size()
+    steps = args.pipeline_steps
+    res: Dict[str, Any] = {"model": "wan-pipeline", "world": W, "variants": {},
+                           "description": f"WanPipeline (Wan2.1-1.3B transformer), 480p x 81 frames, {steps} steps, "
+                                          "CFG 5.0, latents out"}
+    V = res["variants"]
+    small = args.small
+    cfg = WAN_SMALL if small else WAN_13B
+    text = 8 if small else 512
+    g = torch.Generator().manual_seed(1)
+    embeds = torch.randn(1, text, cfg["text_dim"], generator=g).to(device, dtype)
+    negative = torch.randn(1, text, cfg["text_dim"], generator=g).to(device, dtype)
+    size = dict(height=32, width=32, num_frames=5) if small else dict(height=480, width=832, num_frames=81)
+
+    def make():
+        model, _ = build("wan", small, device, dtype)
+        return WanPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=model,
+                           scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
+
+    def call(pipe):
+        out = pipe(prompt_embeds=embeds, negative_prompt_embeds=negative, num_inference_steps=steps,
+                   guidance_scale=5.0, output_type="latent", generator=torch.Generator().manual_seed(0), **size)
+        return out.frames
+
+    pipe = make()
+    pipe.set_progress_bar_config(disable=True)
+    ref: List[Optional[torch.Tensor]] = [None]
+
+    def record(label, fn) -> None:
+        if not _agree(time.monotonic() < deadline):
+            V[label] = {"skipped": f"time budget (--budget-s {args.budget_s}) spent"}
+            return
+        try:
+            r = time_forward(fn, device, 0, 1)
+        except Exception as exc:
+            V[label] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:400] if str(exc) else ''}"}
+            log(f"  {label}: {V[label]['error']}")
+            return
+        out = r.pop("output")
+        if ref[0] is None:
+            ref[0] = out
+        r.update(compare(out, ref[0]))
+        V[label] = r
+        log(f"  {label:36s} first {r['first_call_ms']:9.1f} ms  run {r['median_ms']:9.1f} ms  rel_l2 {r['rel_l2']:.2e}")
+
+    record("one GPU (stock diffusers)", lambda: call(pipe))
+    patch = attnpatch.apply(pipe, parallel={"ulysses": W})
+    try:
+        record(f"attnpatch ulysses={W}", lambda: call(pipe))
+    finally:
+        patch.remove()
+    pipe = None
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    if _agree(time.monotonic() < deadline):
+        dpipe = make()
+        dpipe.set_progress_bar_config(disable=True)
+        try:
+            dpipe.transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=W))
+        except Exception as exc:
+            V[f"diffusers ulysses={W}"] = {"error": f"{type(exc).__name__}: {exc}"}
+        else:
+            record(f"diffusers ulysses={W}", lambda: call(dpipe))
+        dpipe = None
+    base = V.get("one GPU (stock diffusers)", {}).get("median_ms")
+    for r in V.values():
+        if base and "median_ms" in r:
+            r["speedup_vs_one_gpu"] = base / r["median_ms"]
+    return res
+
+
 # -- report ---------------------------------------------------------------------------------------------------------
 
 def markdown(doc: Dict[str, Any]) -> str:
@@ -334,7 +416,9 @@ def _git_commit() -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="folder for context_parallel.json / .md")
-    ap.add_argument("--models", default="wan,flux", help="comma-separated: wan, flux, wan14b (default wan,flux)")
+    ap.add_argument("--models", default="wan,flux",
+                    help="comma-separated: wan, flux, wan14b, wan-pipeline (default wan,flux)")
+    ap.add_argument("--pipeline-steps", type=int, default=10, help="denoising steps of wan-pipeline (default 10)")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--budget-s", type=float, default=330.0, help="skip the remaining variants after this many s")
@@ -369,11 +453,14 @@ def main() -> int:
     doc: Dict[str, Any] = {"env": env, "models": {}}
     deadline = start + args.budget_s
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
-        if name not in MODELS:
-            log(f"unknown model {name!r}; known: {', '.join(MODELS)}")
+        if name not in MODELS and name != "wan-pipeline":
+            log(f"unknown model {name!r}; known: {', '.join(MODELS)}, wan-pipeline")
             continue
         try:
-            doc["models"][name] = bench_model(name, args, device, dtype, deadline, log)
+            if name == "wan-pipeline":
+                doc["models"][name] = bench_pipeline(args, device, dtype, deadline, log)
+            else:
+                doc["models"][name] = bench_model(name, args, device, dtype, deadline, log)
         except Exception as exc:
             doc["models"][name] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
             log(doc["models"][name]["traceback"])

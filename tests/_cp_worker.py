@@ -24,9 +24,6 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-warnings.filterwarnings("ignore")
-torch.set_num_threads(1)
-
 CASES = {}
 
 
@@ -494,6 +491,8 @@ def main() -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--only", action="append")
     args = ap.parse_args()
+    warnings.filterwarnings("ignore")  # here, not at import: the test module imports this file for CASES
+    torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=args.init, rank=args.rank, world_size=args.world,
                             timeout=datetime.timedelta(seconds=120))
     halves, _ = dist.new_subgroups_by_enumeration([[0, 1], [2, 3]]) if args.world == 4 else (None, None)
