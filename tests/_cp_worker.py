@@ -359,6 +359,24 @@ def _pipeline(mesh):
     return out
 
 
+@case("pipeline-remove-one-component", 2)
+def _pipeline_partial(mesh):
+    """Removing the parallel component alone (attnpatch.remove(pipe.unet)) removes the whole patch:
+    nothing is left splitting a model whose attention is no longer routed."""
+    import attnpatch
+    from attnpatch import tiny_models
+    from _patch_helpers import assert_restored, snapshot
+
+    pipe = tiny_models.build("tiny-sd15-pipeline")
+    before = {n: snapshot(getattr(pipe, n)) for n in ("unet", "vae", "text_encoder")}
+    patch = attnpatch.apply(pipe, recipe=False, parallel=dict(U2, mesh=mesh))
+    roots = len(patch._roots)
+    attnpatch.remove(pipe.unet)
+    for n, snap in before.items():
+        assert_restored(getattr(pipe, n), snap)
+    return {"roots": roots, "removed": patch.removed, "planners": len(__import__("attnpatch").router.SITE_PLANNERS)}
+
+
 # -- refusals (the same on every process, so no collective is left waiting) ---------------------------------------
 
 @case("refuse-gradients", 2)

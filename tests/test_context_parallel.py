@@ -68,7 +68,8 @@ def cp_results(tmp_path_factory):
     return results
 
 
-MODEL_CASES = [n for n in _cp_worker.CASES if not n.startswith(("refuse-", "reapply-", "ring-needs-lse"))]
+MODEL_CASES = [n for n in _cp_worker.CASES
+               if not n.startswith(("refuse-", "reapply-", "ring-needs-lse", "pipeline-remove"))]
 
 
 def _expected_mode(name: str) -> str:
@@ -104,6 +105,13 @@ def test_pipeline_parallel_only_in_the_denoiser(cp_results):
     r = cp_results[0]["pipeline-sd15-ulysses2"]
     assert "context parallel: unet:" in r["report"]
     assert "left alone (not patched)" in r["report"]  # the sd15 recipe leaves the VAE and text encoder alone
+
+
+def test_removing_the_parallel_component_removes_the_whole_patch(cp_results):
+    for res in cp_results:
+        r = res["pipeline-remove-one-component"]
+        assert "error" not in r, r.get("traceback")
+        assert r["roots"] == 3 and r["removed"] and r["planners"] == 0
 
 
 def _refusal(cp_results, name):
@@ -325,3 +333,17 @@ def test_compiled_context_parallel_site_is_refused():
     finally:
         router.SITE_PLANNERS.pop(site, None)
         torch._dynamo.reset()
+
+
+def test_cli_parallel_without_torchrun_is_a_usage_error_with_the_command_to_copy(capsys, monkeypatch):
+    from attnpatch import cli
+
+    for var in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    assert cli.main(["demo", "--parallel", "ulysses=2", "--device", "cpu"]) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "needs several processes started by torchrun" in err and "torchrun --nproc-per-node 2 -m attnpatch" in err
+    assert cli.main(["bench", "--parallel", "ulysses=2", "--device", "cpu"]) == cli.EXIT_USAGE
+    assert "needs --shape" in capsys.readouterr().err
+    assert cli.main(["demo", "--parallel", "ulysses:2", "--device", "cpu"]) == cli.EXIT_USAGE
+    assert "expected entries like 'ulysses=2'" in capsys.readouterr().err
