@@ -458,7 +458,7 @@ class Region:
     it is inside its sharded region now, and the split lengths of the current forward.
 
     The split/gather hooks (``attnpatch.adapters.sequence_split``) call `split`, `gather` and
-    `begin`/`end`; the router calls `plan` (through `attnpatch.router.SITE_PLANNERS`) for each new call
+    `begin`/`end`; the router calls `plan_call` (through `attnpatch.router.SITE_PLANNERS`) for each new call
     signature of one of the model's sites."""
 
     def __init__(self, groups: Groups, plan, component: str = ""):
@@ -798,6 +798,8 @@ def _ulysses(cp: _CallPlan, q, k, v, mask: Optional[_Mask], causal, scale, windo
     h = H // U
     grp = slice(g.g * U, (g.g + 1) * U)
     lq, lkv = q_lens[grp], kv_lens[grp]
+    if R > 1 and window is not None:  # before any collective: every process refuses at the same point
+        raise _window_in_ring(cp)
     if Hk % U:  # GQA with fewer key/value heads than processes: repeat them so that every process gets its share
         rep = _kv_repeat(H, Hk, U)
         k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
@@ -812,8 +814,6 @@ def _ulysses(cp: _CallPlan, q, k, v, mask: Optional[_Mask], causal, scale, windo
         res = cp.route(cp.inner, qg, kg, vg, "bsnd", mg, causal, scale, 0.0, cp.backend, cp.features, sinks_g)
         out, lse = res if want_lse else (res, None)
     else:
-        if window is not None:
-            raise _window_in_ring(cp)
         region.counts["ulysses + ring"] += 1
         mg = None
         runs_q = runs_kv = None
