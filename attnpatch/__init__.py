@@ -9,6 +9,7 @@ Public names only; each lives in the module its name points to:
 * `Report`, `ReportRow` — `attnpatch.report` (what `Patch.report()` returns)
 * `step`, `current_step`, `RecipeError` — `attnpatch.recipes` (the recipe format and step schedules)
 * `calibrate`, `Calibration` — `attnpatch.calibrate` (calibrated lossy recipes)
+* `ContextParallel` — `attnpatch.parallel` (one model's sequence split over several processes)
 
 Note: ``attnpatch.backends`` is the function that lists backends; the backend modules themselves are
 imported as ``from attnpatch.backends.sdpa import SdpaBackend``. Likewise ``attnpatch.calibrate`` is
@@ -28,6 +29,7 @@ from .patch import Patch, Site, apply, patched, remove
 from .report import Report, ReportRow
 from .recipes import RecipeError, current_step, step
 from .calibrate import Calibration, calibrate
+from .parallel import ContextParallel
 
 _backends_pkg.register_builtin()
 
@@ -59,5 +61,5 @@ __all__ = [
     "attention_forward", "explain", "stats", "backends", "register_backend", "unregister_backend",
     "use_backend", "reload_env", "clear_cache", "apply", "remove", "patched", "Patch", "Site", "Backend", "BackendInfo", "BackendUnsupportedError", "Call",
     "Report", "ReportRow", "Scope",
-    "Explanation", "Stats", "step", "current_step", "RecipeError", "calibrate", "Calibration", "__version__",
+    "Explanation", "Stats", "step", "current_step", "RecipeError", "calibrate", "Calibration", "ContextParallel", "__version__",
 ]

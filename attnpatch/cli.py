@@ -739,6 +739,10 @@ def _captured_shapes(args) -> List[dict]:
 
 
 def cmd_bench(args) -> int:
+    if getattr(args, "parallel", None):  # context parallelism: attnpatch/cli_parallel.py
+        from . import cli_parallel
+
+        return cli_parallel.bench(args)
     import torch
     import torch.nn.functional as F
 
@@ -1077,6 +1081,10 @@ def cmd_autotune(args) -> int:
 # -- demo -------------------------------------------------------------------------------------------------
 
 def cmd_demo(args) -> int:
+    if getattr(args, "parallel", None) and getattr(args, "parallel_config", None) is None:
+        from . import cli_parallel  # context parallelism: runs this function on every process
+
+        return cli_parallel.demo(args, cmd_demo)
     import torch
 
     import attnpatch
@@ -1111,10 +1119,12 @@ def cmd_demo(args) -> int:
 
     ref, t_stock = timed()
     attnpatch.stats(reset=True)
-    patch = attnpatch.apply(obj, recipe=_recipe_arg(args), backend=args.backend, allow_lossy=args.allow_lossy)
+    patch = attnpatch.apply(obj, recipe=_recipe_arg(args), backend=args.backend, allow_lossy=args.allow_lossy,
+                            parallel=getattr(args, "parallel_config", None))
     try:
         out, t_patched = timed()
         report = patch.report()
+        parallel_notes = [n for n in report.notes if n.startswith("context parallel")]
         recipe_line = patch.recipe_name or "none (every site: backend=" + str(patch.settings.backend) + ")"
     finally:
         patch.remove()
@@ -1140,13 +1150,15 @@ def cmd_demo(args) -> int:
             "patched": {"median_ms": statistics.median(t_patched) * 1e3, **spread(t_patched)},
             "attention_calls_routed": n_calls,
             "max_abs_diff": diff if math.isfinite(diff) else None, "output_max_abs": scale,
-            "tolerance": tol, "outputs_match": ok, "sites": report.as_dicts(),
+            "tolerance": tol, "outputs_match": ok, "sites": report.as_dicts(), "notes": list(report.notes),
         })
         if quiet:
             return 0 if ok else EXIT_FAIL
     print(f"recipe: {recipe_line}")
     if patch.left_alone:
         print(f"left alone (not patched): {', '.join(patch.left_alone)}")
+    for line in parallel_notes:
+        print(line)
     print()
     print(table(rows, ["site", "kind", "heads", "head_dim", "rule", "backend used (calls)"]))
     print()
@@ -1295,6 +1307,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--plot", metavar="FILE.png", help="write a bar chart (needs matplotlib: attnpatch[plot])")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.add_argument("--trust-remote-code", action="store_true", help="allow a model folder's own Python code to run")
+    s.add_argument("--parallel", metavar="SPEC", help="under torchrun: time each --shape split over the processes "
+                   "(ulysses=N,ring=M) against one process")
     s.set_defaults(func=cmd_bench)
 
     s = sub.add_parser("recipe", help="list, show and check recipes",
@@ -1384,6 +1398,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--trust-remote-code", action="store_true", help="allow a model folder's own Python code to run")
     add_json_option(s)
+    s.add_argument("--parallel", metavar="SPEC", help="under torchrun: context parallelism (ulysses=N,ring=M) for "
+                   "the patched run; e.g. torchrun --nproc-per-node 2 -m attnpatch demo --parallel ulysses=2")
     s.set_defaults(func=cmd_demo)
     return p
 

@@ -432,6 +432,8 @@ class Patch:
         #: for a list whose models got different recipes: the per-model patches merged into this one
         #: (their roots are this patch's; their step schedules and extra changes are undone with it).
         self._parts: List["Patch"] = []
+        #: context parallelism (`attnpatch.parallel.ParallelState`), or None.
+        self.parallel = None
 
     @property
     def sites(self) -> List[Site]:
@@ -452,6 +454,8 @@ class Patch:
             compiled = router.compiled_decisions_of(s)
             rows.append(ReportRow(s, dict(calls), dict(fallbacks), sorted(compiled), compiled))
         notes = [f"left alone (not patched): {', '.join(self.left_alone)}"] if self.left_alone else []
+        if self.parallel is not None:
+            notes += self.parallel.describe()
         return Report(rows, self.recipe_name, notes)
 
     def update(self, backend=None, *, strict: Optional[bool] = None, allow_lossy: Optional[bool] = None) -> "Patch":
@@ -548,7 +552,7 @@ def setting_of(names: Tuple[str, ...]) -> Union[str, Tuple[str, ...]]:
 
 
 def apply(target: Target, backend: BackendSpec = "auto", recipe: RecipeSpec = None, allow_lossy: bool = False,
-          strict: bool = False) -> Patch:
+          strict: bool = False, parallel: Any = None) -> Patch:
     """Route every attention call of ``target`` through `attnpatch.attention_forward`.
 
     ``target`` is a torch.nn.Module (diffusers, transformers, DiffSynth, timm or hand-written), a
@@ -571,6 +575,10 @@ def apply(target: Target, backend: BackendSpec = "auto", recipe: RecipeSpec = No
     patch was traced from the unpatched model: dynamo's guards see the changed modules and the next
     call compiles again, now with attnpatch's routing (and once more after `Patch.remove`). Apply
     before compiling to compile once.
+
+    ``parallel`` (an `attnpatch.ContextParallel`, or a dict such as ``{"ulysses": 2}``) also splits the
+    model's sequence over the processes of a torch.distributed group (`attnpatch.parallel`); ``remove()``
+    undoes it too.
     """
     if not isinstance(strict, bool) or not isinstance(allow_lossy, bool):
         raise TypeError("attnpatch.apply: strict and allow_lossy must be bools")
@@ -578,6 +586,10 @@ def apply(target: Target, backend: BackendSpec = "auto", recipe: RecipeSpec = No
     if names is None:
         raise ValueError("attnpatch.apply: backend=None is not allowed; use 'auto' or a backend name")
     target = uncompiled(target)
+    for _, m in _components(target):  # a patch made with another parallel setting is not updated in place
+        p = _PATCHES.get(m)
+        if p is not None and p.parallel is not None and not p.parallel.same_as(parallel):
+            p.remove()
     if recipe is not False:
         from . import recipes
 
@@ -591,6 +603,14 @@ def apply(target: Target, backend: BackendSpec = "auto", recipe: RecipeSpec = No
     if not patch.sites and not patch.left_alone:
         logger.warning("attnpatch.apply: no attention sites found in %s, so nothing was patched; attnpatch looks "
                        "for %s (`attnpatch inspect` lists what it finds)", _label(target), WHAT_ATTNPATCH_LOOKS_FOR)
+    if parallel is not None and patch.parallel is None:
+        from . import parallel as _parallel
+
+        try:
+            _parallel.attach(patch, target, parallel, recipe)
+        except BaseException:
+            patch.remove()
+            raise
     return patch
 
 
@@ -764,6 +784,9 @@ def _inside_claimed(path: str, claimed) -> bool:
 
 def _remove_roots_of(self: Patch, modules: List[torch.nn.Module]) -> None:
     with _LOCK:
+        if self.parallel is not None:  # context parallelism spans the whole patch: removing a part removes it all
+            self.remove()
+            return
         scopes = self._all_scopes()
         keep = []
         for rp in self._roots:

@@ -191,6 +191,8 @@ class Recipe:
     exclude: Exclude = Exclude()
     rules: Tuple[Rule, ...] = ()
     source: str = "<dict>"
+    #: context-parallel plan (`attnpatch.parallel_plan.SequencePlan`), or None
+    parallel: Any = None
 
     @property
     def lossy(self) -> bool:
@@ -505,7 +507,8 @@ def difflib_close(word: str, options: Iterable[str]) -> Optional[str]:
 
 _TOP = {"version": "1", "name": "a name such as 'flux'", "description": "text",
         "match": "class_names / model_types / config", "default_backend": "a backend name, list or auto",
-        "allow_lossy": "true or false", "exclude": "components / sites", "rules": "a list of rules"}
+        "allow_lossy": "true or false", "exclude": "components / sites", "rules": "a list of rules",
+        "parallel": "a context-parallel plan (split / gather)"}
 _MATCH = {"class_names": "class names or diffusers _class_name values", "model_types": "transformers model_type values",
           "config": "config values the model must have"}
 _EXCLUDE = {"components": "pipeline component names (globs)", "sites": "site patterns"}
@@ -591,7 +594,12 @@ def _build(root: _Node, source: str) -> Recipe:
             if backend is None and lossy is None:
                 c.fail(item, f, "a rule needs `backend` and/or `allow_lossy` (what it gives the sites it selects)")
             rules.append(Rule(label, patterns, comps, kinds, blocks, steps, backend, lossy, item.line))
-    return Recipe(version, name, description, match, default, allow_lossy, exclude, tuple(rules), source)
+    parallel = None
+    if "parallel" in top:
+        from . import parallel_plan
+
+        parallel = parallel_plan.parse_section(c, top["parallel"], source)
+    return Recipe(version, name, description, match, default, allow_lossy, exclude, tuple(rules), source, parallel)
 
 
 # -- loading --------------------------------------------------------------------------------------------

@@ -77,6 +77,21 @@ class Plan:
         self.shares = shares  # the runner serves every length of the plan's bucket
 
 
+class DelegatingPlan(Plan):
+    """A plan whose runner makes routed calls of its own (context parallelism: `attnpatch.parallel`).
+    Those calls are counted by their own plans, so this one counts nothing."""
+
+    __slots__ = ()
+    calls = property(lambda self: 0, lambda self, value: None)
+
+
+#: Site -> function that builds the plan of that site's calls in the router's place, or returns None to
+#: leave a call to the router: ``planner(scope, query, key, value, layout, attn_mask, is_causal, scale,
+#: dropout_p, grad, backend, features, sinks)``. `attnpatch.parallel` registers one per site of a
+#: context-parallel model. Consulted on a cache miss only.
+SITE_PLANNERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 _PLANS: Dict[tuple, Plan] = {}  # exact call key -> plan
 _BUCKETS: Dict[tuple, Plan] = {}  # length-bucket key -> plan (runners that serve every length of the bucket)
 _DECISIONS: Dict[tuple, Decision] = {}
@@ -419,7 +434,13 @@ def _miss(cache_key, query, key, value, layout, attn_mask, is_causal, scale, dro
         if plan is not None:
             return plan
     ctx, site = cache_key[-3], cache_key[-2]
-    if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
+    owner = site.site if site is not None else None
+    planner = SITE_PLANNERS.get(owner) if owner is not None and query.dim() == 4 else None
+    plan = planner(site, query, key, value, layout, attn_mask, is_causal, scale, dropout_p, grad, backend, features,
+                   sinks) if planner is not None else None
+    if plan is not None:
+        pass
+    elif query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
         plan = _reshaping_plan(query, key, value, layout, attn_mask, backend, ctx, site, features)
     elif query.numel() == 0 or key.numel() == 0 or value.numel() == 0:
         plan = _empty_plan(query, key, value, layout, attn_mask, is_causal, scale, dropout_p, site)
@@ -715,6 +736,10 @@ def _compile_decision(static, lengths, backend, ctx, site):
     only constants (backend name, the Call's fields, the mask form, how it was decided)."""
     ctx = _CONTEXT.get() if isinstance(ctx, str) and ctx == _READ_CONTEXT_AT_TRACE else controls.scope_by_token(ctx)
     site = controls.scope_by_token(site)
+    if site is not None and site.site is not None and site.site in SITE_PLANNERS:
+        raise BackendUnsupportedError(
+            f"attnpatch: {getattr(site.site, 'path', 'a site')} is context parallel (apply(..., parallel=...)), which "
+            "runs eagerly: torch.compile of a context-parallel model is not supported; compile without parallel=")
     call, _spec = _static_call(static, lengths)
     arg_names = _arg_names(backend)
     dkey = (call.signature(), call.heads_q, call.heads_kv, arg_names, ctx, site, controls.env_settings())
