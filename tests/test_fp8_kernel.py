@@ -279,6 +279,17 @@ def test_import_is_light():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_measured_config_skips_autotuning_on_measured_cards(monkeypatch):
+    """On a card with a measured best config the fp8 kernel launches it directly (one compile, no timing:
+    the cold-start cost of a fresh process); ATTNPATCH_FP8_AUTOTUNE=1 brings the autotuner back."""
+    T = pytest.importorskip("attnpatch.kernels._fp8_triton", reason="needs triton")
+    monkeypatch.delenv("ATTNPATCH_FP8_AUTOTUNE", raising=False)
+    assert T.measured_config((9, 0)) == (64, 4, 3)
+    assert T.measured_config((8, 0)) is None  # not measured: autotune
+    monkeypatch.setenv("ATTNPATCH_FP8_AUTOTUNE", "1")
+    assert T.measured_config((9, 0)) is None
+
+
 # ============================================================== GPU: the kernel
 def _sm90():
     return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)

@@ -287,10 +287,16 @@ def _attn_fwd_kernel(Q8, QS, K8, KS, VQ, VS, VM, KP, O,
 
 
 # ---------------------------------------------------------------- configs / tuning
+#: The config measured fastest on every shape of the sweeps, per compute capability: (64 rows, 4 warps,
+#: 3 stages) on the H100 (docs/FP8_KERNEL.md). On these cards the autotuner is skipped
+#: (one config compiles, none is timed), which is most of a fresh process's first-call cost.
+MEASURED_CONFIG = {(9, 0): {"BM": 64, "num_warps": 4, "num_stages": 3}}
+
+
 def _configs():
-    # (64 rows, 4 warps, 3 stages) was the fastest on every shape of the H100 sweeps
-    # (docs/FP8_KERNEL.md); the others stay in the autotune set for other cards.
-    if os.environ.get("ATTNPATCH_FP8_AUTOTUNE", "1") == "0":
+    # ATTNPATCH_FP8_AUTOTUNE: "0" = always the first config, "1" = always autotune, unset = the measured
+    # config on the cards in MEASURED_CONFIG, autotune elsewhere.
+    if os.environ.get("ATTNPATCH_FP8_AUTOTUNE") == "0":
         return [triton.Config({"BM": 64}, num_warps=4, num_stages=3)]
     return [
         triton.Config({"BM": 64}, num_warps=4, num_stages=3),
@@ -298,6 +304,15 @@ def _configs():
         triton.Config({"BM": 128}, num_warps=8, num_stages=3),
         triton.Config({"BM": 128}, num_warps=8, num_stages=2),
     ]
+
+
+def measured_config(capability) -> "tuple | None":
+    """(BM, num_warps, num_stages) measured fastest on a card of this compute capability, or None (then
+    the autotuner times the configs). ATTNPATCH_FP8_AUTOTUNE=1 always autotunes."""
+    if os.environ.get("ATTNPATCH_FP8_AUTOTUNE") == "1":
+        return None
+    c = MEASURED_CONFIG.get(tuple(capability))
+    return None if c is None else (c["BM"], c["num_warps"], c["num_stages"])
 
 
 def _prune(configs, named_args, **kwargs):

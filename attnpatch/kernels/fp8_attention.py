@@ -171,6 +171,13 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+@functools.lru_cache(maxsize=8)
+def _measured_config(index: int):
+    from . import _fp8_triton as T
+
+    return T.measured_config(torch.cuda.get_device_capability(index))
+
+
 def _bucket(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
@@ -243,6 +250,8 @@ def _triton_forward(q, k, v, scale: float, is_causal: bool, key_padding, layout:
             hq, hq // hkv, sq, skv, skv_pad, _bucket(sq), _bucket(skv))
     kw = dict(D=d, BN=BN, IS_CAUSAL=bool(is_causal), HAS_KP=key_padding is not None,
               EXP_F16=bool(exp_f16), MAGIC=bool(magic), PV_FP8=bool(pv_fp8))
+    if fixed_config is None and dev.type == "cuda":
+        fixed_config = _measured_config(dev.index or 0)  # a measured card: no autotuning, one compile
     if fixed_config is None and dev.type == "cuda":
         grid = lambda meta: (triton_cdiv(sq, meta["BM"]), b * hq)  # noqa: E731
         T._attn_fwd[grid](*args, **kw)
