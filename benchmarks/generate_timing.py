@@ -80,6 +80,9 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--compiled", default="qwen2.5-0.5b", help="models also run with static cache + reduce-overhead")
+    p.add_argument("--compiled-only", action="store_true", help="skip the patched dynamic-cache row (stock is the "
+                   "reference for identical tokens and is always run)")
+    p.add_argument("--append", action="store_true", help="keep the rows of an earlier run's generate_timing.json in --out")
     args = p.parse_args(argv)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -88,22 +91,40 @@ def main(argv=None) -> int:
     res = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
            "transformers": transformers.__version__, "new_tokens": args.new_tokens, "models": {}}
+    os.makedirs(args.out, exist_ok=True)
+    # results are written after every row, so a run that dies (a crash inside a compiled graph) keeps the
+    # rows before it; the row that was running is printed first
+    previous = os.path.join(args.out, "generate_timing.json")
+    if args.append and os.path.exists(previous):
+        with open(previous) as f:
+            res["models"] = json.load(f).get("models", {})
+
+    def save():
+        with open(previous, "w") as f:
+            json.dump(res, f, indent=1)
+
     for name in args.models.split(","):
         model = build(name, device, dtype)
         ids = torch.randint(100, 1000, (1, 32), generator=torch.Generator().manual_seed(0)).to(device)
-        rows = {}
+        rows = res["models"].setdefault(name, {})
+        print(f"running: {name} dynamic cache / stock", flush=True)
         stock, ref = timed_generate(model, ids, args.new_tokens, device, args.repeats)
         rows["dynamic cache / stock"] = stock
-        with attnpatch.patched(model) as patch:
-            before = router.DECISIONS_MADE[0]
-            r, out = timed_generate(model, ids, args.new_tokens, device, args.repeats)
-            r["decisions"] = router.DECISIONS_MADE[0] - before
-            r["identical_tokens"] = bool(torch.equal(out, ref))
-            r["backends"] = sorted({n for row in patch.report().rows for n in row.calls})
-            rows["dynamic cache / attnpatch"] = r
+        save()
+        if not args.compiled_only:
+            print(f"running: {name} dynamic cache / attnpatch", flush=True)
+            with attnpatch.patched(model) as patch:
+                before = router.DECISIONS_MADE[0]
+                r, out = timed_generate(model, ids, args.new_tokens, device, args.repeats)
+                r["decisions"] = router.DECISIONS_MADE[0] - before
+                r["identical_tokens"] = bool(torch.equal(out, ref))
+                r["backends"] = sorted({n for row in patch.report().rows for n in row.calls})
+                rows["dynamic cache / attnpatch"] = r
+            save()
         if name in args.compiled.split(","):
             import torch._dynamo as dynamo
             for who in ("stock", "attnpatch"):
+                print(f"running: {name} static cache + reduce-overhead / {who}", flush=True)
                 dynamo.reset()
                 patch = attnpatch.apply(model) if who == "attnpatch" else None
                 fwd = model.forward
@@ -121,14 +142,11 @@ def main(argv=None) -> int:
                         del model.forward
                     if patch is not None:
                         patch.remove()
-        res["models"][name] = rows
+                save()
         print(name, json.dumps(rows, indent=1), flush=True)
         del model
         if cuda:
             torch.cuda.empty_cache()
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "generate_timing.json"), "w") as f:
-        json.dump(res, f, indent=1)
     lines = [f"# generate: stock vs attnpatch ({res['device']}, torch {res['torch']}, transformers "
              f"{res['transformers']}, {res['date']})", "",
              f"Greedy, batch 1, 32-token prompt, {args.new_tokens} new tokens; median of {args.repeats} runs after one.", "",
