@@ -17,6 +17,10 @@ differ from the installed ones, or that did not time every eligible candidate, a
 A corrupt file is ignored with a warning. Writes hold a lock file, merge with what is on disk, and
 replace the file atomically, so two processes writing at once keep both entries.
 
+Before timing, a decision shipped for a measured card (`attnpatch.shipped_tables`: sm90, where torch's
+own dispatch is within a few percent of the fastest exact kernel) answers the calls it covers, so a
+fresh process on an H100/H200 times nothing for them; an entry of this machine's cache still wins.
+
 ``ATTNPATCH_AUTOTUNE=0`` turns measuring off (the static ``AUTO_PRIORITY`` table decides). Timing
 runs only on CUDA; other devices keep the static table. Tests inject a timer with `override_timer`.
 """
@@ -38,7 +42,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
-from . import diskfile
+from . import diskfile, shipped_tables
 from .call import Call
 
 logger = logging.getLogger("attnpatch")
@@ -596,6 +600,9 @@ def _choose(call: Call, eligible: List) -> Optional[Tuple[object, str]]:
             if chosen is not None:
                 how = "measured" if (mkey, skey) not in store.loaded_from_disk else "cached"
                 return chosen, f"{how} {entry.get('measured', '')}".strip()
+        shipped = shipped_tables.choice(call, eligible)  # a measured card: no timing in a fresh process
+        if shipped is not None:
+            return shipped
         where = ("torch.compile" if call.compiling or torch.compiler.is_compiling()
                  else "CUDA graph capture" if _capturing(call) else None)
         if where is not None:  # never time here: the static table decides until a measurement exists

@@ -28,7 +28,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from . import autotune, controls, registry
+from . import autotune, controls, registry, shipped_tables
 from .call import (AttentionInputError, Call, Features, NO_FEATURES, build_call, bucket_range, call_from_meta,
                    check_flags, check_shapes, check_softcap, check_window, length_bucket, split_dims, tensor_meta)
 from .controls import AUTO, Scope, _CONTEXT
@@ -162,8 +162,10 @@ _LOSSY_REASON = ("lossy kernel: auto picks it only with allow_lossy=True (use_ba
 
 def _auto_choose(call: Call, env, allow_lossy: bool, reasons: Dict[str, List[str]], full: bool):
     """Auto's pick: (backend or None, how it was chosen). With more than one eligible backend and
-    autotune on, `autotune.choose` picks by measured speed; otherwise the static table's first."""
+    autotune on, `autotune.choose` picks (this machine's measurement, a shipped decision, or timing);
+    with it off, a shipped decision for a measured card (`shipped_tables`); otherwise the static table's first."""
     tune = autotune.applies(call, env)
+    whole = full or tune or shipped_tables.has_rule(call)  # these need every eligible backend
     eligible = []
     for b in _auto_candidates(call):
         r = _reasons_for(b, call, env)
@@ -172,11 +174,15 @@ def _auto_choose(call: Call, env, allow_lossy: bool, reasons: Dict[str, List[str
         reasons[b.NAME] = r
         if not r:
             eligible.append(b)
-            if not (full or tune):
+            if not whole:
                 break
     if not eligible:
         return None, ""
-    picked = autotune.choose(call, eligible) if tune and len(eligible) > 1 else None
+    picked = None
+    if len(eligible) > 1:
+        # measuring on: autotune (this machine's cache, then a shipped decision, then timing); off: a
+        # shipped decision for a measured card still beats the static order
+        picked = autotune.choose(call, eligible) if tune else shipped_tables.choice(call, eligible)
     return picked if picked is not None else (eligible[0], "static table")
 
 

@@ -292,7 +292,8 @@ def test_torch_compile_trace_does_not_time():
 
 def test_cuda_graph_capture_is_never_timed(monkeypatch):
     # A CUDA call is simulated by a Call with device_type "cuda"; capture is reported by torch.
-    cuda_call = cpu_call().__class__(**{**cpu_call().__dict__, "device_type": "cuda", "capability": (9, 0)})
+    # (8, 0): a card with no shipped decision table, so the measurement machinery is what decides
+    cuda_call = cpu_call().__class__(**{**cpu_call().__dict__, "device_type": "cuda", "capability": (8, 0)})
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     monkeypatch.setattr(autotune, "machine_info", lambda call: {"device": "cuda", "gpu": "Fake GPU", "torch": "x"})
     fake = FakeTimer({"sdpa_flash": 1.0})
@@ -519,3 +520,86 @@ def test_machine_key_names_gpu_driver_and_versions():
     for v in info.values():
         assert v in key
     assert key != autotune.machine_key({**info, "driver": "575.0"})
+
+
+# -- shipped decision tables (measured cards: no timing in a fresh process) ------------------------------
+
+def _cuda_call(capability):
+    return cpu_call().__class__(**{**cpu_call().__dict__, "device_type": "cuda", "capability": capability})
+
+
+@pytest.fixture
+def measured_torch(monkeypatch):
+    """This torch counts as the one the shipped rules were measured with."""
+    from attnpatch import shipped_tables
+
+    monkeypatch.setattr(shipped_tables, "_TORCH", shipped_tables.RULES[0].torch_versions[0])
+
+
+def test_a_shipped_table_answers_on_a_measured_card_without_timing(monkeypatch, measured_torch):
+    monkeypatch.setattr(autotune, "machine_info", lambda call: {"device": "cuda", "gpu": "Fake H100", "torch": "x"})
+    fake = FakeTimer({"sdpa_flash": 1.0})
+    cands = eligible_for(cpu_call())  # sdpa, sdpa_flash, sdpa_math, eager: all torch kernels
+    with autotune.override_timer(fake, devices=("cuda",)):
+        backend, how = autotune.choose(_cuda_call((9, 0)), cands)
+        assert backend.NAME == "sdpa" and "shipped table (cuda_sm90" in how and fake.asked == []
+        # another card: no rule, so the candidates are timed as before
+        assert autotune.choose(_cuda_call((8, 0)), cands)[0].NAME == "sdpa_flash" and fake.asked
+
+
+def test_a_shipped_table_is_unsure_when_another_kind_of_backend_is_eligible(monkeypatch, measured_torch):
+    monkeypatch.setattr(autotune, "machine_info", lambda call: {"device": "cuda", "gpu": "Fake H100", "torch": "x"})
+
+    class Other:  # e.g. an installed third-party kernel or a lossy one under the opt-in
+        NAME = "fp8"
+        AUTOTUNE_TIMED = True
+
+        @staticmethod
+        def version():
+            return "1"
+
+    cands = [Other()] + eligible_for(cpu_call())
+    fake = FakeTimer({"fp8": 0.5})
+    with autotune.override_timer(fake, devices=("cuda",)):
+        backend, how = autotune.choose(_cuda_call((9, 0)), cands)
+    assert backend.NAME == "fp8" and "measured" in how and {n for n, _ in fake.asked} >= {"fp8", "sdpa"}
+
+
+def test_this_machines_measurement_wins_over_the_shipped_table(monkeypatch, measured_torch):
+    monkeypatch.setattr(autotune, "machine_info", lambda call: {"device": "cuda", "gpu": "Fake H100", "torch": "x"})
+    call = _cuda_call((9, 0))
+    cands = eligible_for(cpu_call())
+    times = {"sdpa": 3.0, "sdpa_flash": 1.0, "sdpa_math": 5.0, "eager": 9.0}
+    _write(_file_with(_entry(times, versions={b.NAME: autotune._versions([b])[b.NAME] for b in cands}), call))
+    autotune.reset_memory()
+    with autotune.override_timer(FakeTimer({}), devices=("cuda",)):
+        backend, how = autotune.choose(call, cands)
+    assert backend.NAME == "sdpa_flash" and "cached" in how
+
+
+def test_the_shipped_rules_prefer_an_exact_kernel_they_cover():
+    from attnpatch import registry, shipped_tables
+
+    for rule in shipped_tables.RULES:
+        assert rule.prefer in rule.covers and rule.evidence
+        for name in rule.covers:
+            assert not registry.get_backend(name).LOSSY, name
+
+
+def test_with_measuring_off_a_shipped_decision_still_beats_the_static_order(monkeypatch):
+    """ATTNPATCH_AUTOTUNE=0 on a measured card: the shipped decision (torch's own dispatch), not the
+    static table's first backend; on a torch the rule was not measured with, the static table."""
+    from attnpatch import shipped_tables
+
+    call = _cuda_call((9, 0))
+    cands = eligible_for(cpu_call())
+    order = [cands[1]] + [b for b in cands if b is not cands[1]]  # the static order puts sdpa second here
+    monkeypatch.setattr(router, "_auto_candidates", lambda c: order)
+    monkeypatch.setattr(router, "_reasons_for", lambda b, c, env: [])
+    monkeypatch.setattr(autotune, "applies", lambda c, env: False)
+    monkeypatch.setattr(shipped_tables, "_TORCH", shipped_tables.RULES[0].torch_versions[0])
+    backend, how = router._auto_choose(call, controls.env_settings(), False, {}, False)
+    assert backend.NAME == "sdpa" and how.startswith("shipped table")
+    monkeypatch.setattr(shipped_tables, "_TORCH", "1.0")
+    backend, how = router._auto_choose(call, controls.env_settings(), False, {}, False)
+    assert backend is order[0] and how == "static table"
