@@ -5,7 +5,7 @@ Public names only; each lives in the module its name points to:
 * `attention_forward`, `explain`, `stats`, `BackendUnsupportedError` — `attnpatch.router`
 * `backends`, `register_backend`, `unregister_backend`, `Backend` — `attnpatch.registry`
 * `use_backend`, `reload_env`, `Scope` — `attnpatch.controls` (other libraries' backend names: `attnpatch.aliases`)
-* `apply`, `remove`, `patched`, `Patch`, `Site` — `attnpatch.patch` (adapters: ``attnpatch.adapters``)
+* `apply`, `patched` — `attnpatch.applying`; `remove`, `Patch`, `Site` — `attnpatch.patch` (adapters: ``attnpatch.adapters``)
 * `Report`, `ReportRow` — `attnpatch.report` (what `Patch.report()` returns)
 * `step`, `current_step`, `RecipeError` — `attnpatch.recipes` (the recipe format and step schedules)
 * `calibrate`, `Calibration` — `attnpatch.calibrate` (calibrated lossy recipes)
@@ -25,7 +25,8 @@ from .call import Call
 from .controls import Scope, reload_env, use_backend
 from .registry import Backend, BackendInfo, register_backend, unregister_backend
 from .router import BackendUnsupportedError, Explanation, Stats, attention_forward, clear_cache, explain, stats
-from .patch import Patch, Site, apply, patched, remove
+from .patch import Patch, Site, remove
+from .applying import apply, patched
 from .report import Report, ReportRow
 from .recipes import RecipeError, current_step, step
 from .calibrate import Calibration, calibrate

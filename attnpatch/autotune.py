@@ -361,6 +361,11 @@ def _is_own_file(path: pathlib.Path) -> bool:
     return isinstance(data, dict) and data.get("format") == FILE_FORMAT
 
 
+#: Called after `clear_cache` (the router adds its own `clear_cache`, so decisions made from the removed
+#: measurements are made again).
+ON_CLEAR: List[Callable[[], None]] = []
+
+
 def clear_cache() -> int:
     """Remove every measured choice (in memory and the file on disk); return how many entries were
     removed. Cached router decisions are dropped too, so the next calls decide again."""
@@ -383,8 +388,8 @@ def clear_cache() -> int:
         except OSError as exc:
             logger.warning("attnpatch: cannot remove the autotune cache %s: %s", path, exc)
         _STORES.pop(str(path), None)
-    from . import router  # late: the router imports this module
-    router.clear_cache()
+    for hook in ON_CLEAR:  # the router's cached decisions (it registers itself: no import of the router here)
+        hook()
     return len(seen)
 
 

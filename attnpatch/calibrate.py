@@ -56,7 +56,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 import torch
 
-from . import autotune, controls, quality, recipes, registry
+from . import applying, autotune, controls, quality, recipes, registry
 from .call import Call
 from .capture import (DEFAULT_BUDGET, DEFAULT_HEADS, DEFAULT_MAX_SAMPLES, DEFAULT_QUERY_ROWS, Capture, Errors,
                       SiteRecord)
@@ -364,7 +364,7 @@ class _Runner:
 
     def __call__(self, recipe: Dict[str, Any], feed=None):
         """(output tensor, the run's step trace or None): ``run`` under ``recipe``; with ``feed``, teacher-forced."""
-        from .patch import apply
+        from .applying import apply
 
         patch = apply(self.target, recipe=recipe)
         try:
@@ -516,7 +516,7 @@ def _capture_run(target, run, seed: int, capture: Capture, exclude, trace: bool)
         cap_recipe = {"version": 1, "name": "calibrate-capture", "default_backend": backend.NAME}
         if exclude:
             cap_recipe["exclude"] = exclude
-        patch = recipes.apply_with_recipe(target, recipe=cap_recipe)
+        patch = applying.apply_with_recipe(target, recipe=cap_recipe)
         try:
             schedule = recipes.StepSchedule([])
             patch.schedule = schedule

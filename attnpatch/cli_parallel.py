@@ -20,8 +20,8 @@ import os
 import statistics
 from typing import Any, List, Tuple
 
-from .cli import (EXIT_FAIL, EXIT_USAGE, CliError, _dtype, _time_call, check_output_path, emit_json, json_to_stdout,
-                  parse_shape, table)
+from .cli_common import (EXIT_FAIL, EXIT_USAGE, CliError, _dtype, _time_call, check_output_path, emit_json,
+                         json_to_stdout, parse_shape, table)
 
 LAUNCH_HINT = "e.g. torchrun --nproc-per-node 2 -m attnpatch demo --parallel ulysses=2 (add --device cpu for gloo)"
 

@@ -49,15 +49,14 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.distributed as dist
 
+from .parallel_plan import DENOISERS, ContextParallelError, SequencePlan, from_cp_plan
+
 logger = logging.getLogger("attnpatch")
 
 __all__ = ["ContextParallel", "ContextParallelError", "ContextParallelAttention", "attach", "resolve_groups",
            "SequenceLayout", "merge_partial"]
 
 
-class ContextParallelError(RuntimeError):
-    """A call or a model that context parallelism cannot serve exactly; the message names the site (or
-    the model), what is wrong and the fix."""
 
 
 # -- the configuration ---------------------------------------------------------------------------------
@@ -974,7 +973,6 @@ class ContextParallelAttention:
     sequence of a tensor split with `shard`."""
 
     def __init__(self, parallel, causal: bool = False):
-        from .parallel_plan import SequencePlan
 
         self.config = ContextParallel.coerce(parallel)
         self.groups = resolve_groups(self.config)
@@ -1036,6 +1034,76 @@ class ParallelState:
         return lines
 
 
+# -- which plan for which component (the recipe or `_cp_plan` of each component) -------------------------------------------------------------------------------
+
+def plans_for(target, recipe=None) -> List[Tuple[str, torch.nn.Module, SequencePlan]]:
+    """The (component name, module, plan) triples to make parallel in ``target``; refuses a target with
+    no plan for its model (or, in a pipeline, for its denoiser)."""
+    from . import recipes
+    from .patch import _components
+
+    explicit = recipes.load(recipe) if recipe is not None and recipe is not False else None
+    comps = _components(target)
+    pipeline = not (len(comps) == 1 and comps[0][0] == "")
+    out = []
+    missing = []
+    for name, module in comps:
+        wanted = _wanted(name, explicit, pipeline)
+        if not wanted:
+            continue
+        plan = plan_for_module(module, explicit)
+        if plan is None:
+            missing.append((name, module))
+        else:
+            out.append((name, module, plan))
+    if missing:
+        name, module = missing[0]
+        what = f"component {name!r} ({type(module).__name__})" if name else type(module).__name__
+        raise ContextParallelError(
+            f"context parallelism has no plan for {what}: it has no diffusers `_cp_plan`, and no recipe with a "
+            f"`parallel:` section matches it (shipped recipes with one: {', '.join(shipped_with_plans()) or 'none'}). "
+            "Pass recipe= a recipe whose `parallel:` section says where the sequence is split and gathered "
+            "(README: Context parallelism)")
+    if not out:
+        raise ContextParallelError(
+            f"context parallelism found no denoiser component in {type(target).__name__} "
+            f"(looked for {', '.join(DENOISERS)}); name the components in the recipe's parallel.components")
+    return out
+
+
+def _wanted(component: str, explicit, pipeline: bool) -> bool:
+    import fnmatch
+
+    if not pipeline:
+        return True
+    names = DENOISERS
+    if explicit is not None and explicit.parallel is not None and explicit.parallel.components:
+        names = explicit.parallel.components
+    return any(fnmatch.fnmatchcase(component, n) for n in names)
+
+
+def plan_for_module(module: torch.nn.Module, explicit=None) -> Optional[SequencePlan]:
+    """The plan for one model: the explicit recipe's section, its ``_cp_plan``, or a shipped recipe's."""
+    from . import recipes
+
+    if explicit is not None and explicit.parallel is not None:
+        return explicit.parallel
+    cp_plan = getattr(module, "_cp_plan", None)
+    if isinstance(cp_plan, dict) and cp_plan:
+        return from_cp_plan(cp_plan, f"diffusers {type(module).__name__}._cp_plan")
+    for rec in recipes.all_shipped():
+        if rec.parallel is not None and recipes.recipe_matches(rec, module):
+            return rec.parallel
+    return None
+
+
+def shipped_with_plans() -> List[str]:
+    from . import recipes
+
+    return [r.name for r in recipes.all_shipped() if r.parallel is not None]
+
+
+
 def attach(patch, target, parallel, recipe=None) -> ParallelState:
     """Make ``patch`` (just applied to ``target``) context parallel; every change goes through the patch's
     undo log. Called by `attnpatch.apply(..., parallel=...)`; raises `ContextParallelError` /
@@ -1044,7 +1112,7 @@ def attach(patch, target, parallel, recipe=None) -> ParallelState:
     from .adapters import sequence_split
 
     cfg = ContextParallel.coerce(parallel)
-    targets = parallel_plan.plans_for(target, recipe)  # before any collective: a refusal is the same everywhere
+    targets = plans_for(target, recipe)  # before any collective: a refusal is the same everywhere
     groups = resolve_groups(cfg)
     state = ParallelState(cfg, groups)
     undo = patch._undo_extra

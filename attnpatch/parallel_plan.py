@@ -50,6 +50,12 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
+
+class ContextParallelError(RuntimeError):
+    """A call or a model that context parallelism cannot serve exactly; the message names the site (or
+    the model), what is wrong and the fix. (Also `attnpatch.parallel.ContextParallelError`.)"""
+
+
 logger = logging.getLogger("attnpatch")
 
 #: pipeline components made parallel when a plan does not name them
@@ -257,76 +263,6 @@ def _parse_force(c, item, field) -> ForceSpec:
     return ForceSpec(module, inp, value, item.line)
 
 
-# -- which plan for which component -------------------------------------------------------------------------------
-
-def plans_for(target, recipe=None) -> List[Tuple[str, torch.nn.Module, SequencePlan]]:
-    """The (component name, module, plan) triples to make parallel in ``target``; refuses a target with
-    no plan for its model (or, in a pipeline, for its denoiser)."""
-    from . import recipes
-    from .parallel import ContextParallelError
-    from .patch import _components
-
-    explicit = recipes.load(recipe) if recipe is not None and recipe is not False else None
-    comps = _components(target)
-    pipeline = not (len(comps) == 1 and comps[0][0] == "")
-    out = []
-    missing = []
-    for name, module in comps:
-        wanted = _wanted(name, explicit, pipeline)
-        if not wanted:
-            continue
-        plan = plan_for_module(module, explicit)
-        if plan is None:
-            missing.append((name, module))
-        else:
-            out.append((name, module, plan))
-    if missing:
-        name, module = missing[0]
-        what = f"component {name!r} ({type(module).__name__})" if name else type(module).__name__
-        raise ContextParallelError(
-            f"context parallelism has no plan for {what}: it has no diffusers `_cp_plan`, and no recipe with a "
-            f"`parallel:` section matches it (shipped recipes with one: {', '.join(shipped_with_plans()) or 'none'}). "
-            "Pass recipe= a recipe whose `parallel:` section says where the sequence is split and gathered "
-            "(README: Context parallelism)")
-    if not out:
-        raise ContextParallelError(
-            f"context parallelism found no denoiser component in {type(target).__name__} "
-            f"(looked for {', '.join(DENOISERS)}); name the components in the recipe's parallel.components")
-    return out
-
-
-def _wanted(component: str, explicit, pipeline: bool) -> bool:
-    import fnmatch
-
-    if not pipeline:
-        return True
-    names = DENOISERS
-    if explicit is not None and explicit.parallel is not None and explicit.parallel.components:
-        names = explicit.parallel.components
-    return any(fnmatch.fnmatchcase(component, n) for n in names)
-
-
-def plan_for_module(module: torch.nn.Module, explicit=None) -> Optional[SequencePlan]:
-    """The plan for one model: the explicit recipe's section, its ``_cp_plan``, or a shipped recipe's."""
-    from . import recipes
-
-    if explicit is not None and explicit.parallel is not None:
-        return explicit.parallel
-    cp_plan = getattr(module, "_cp_plan", None)
-    if isinstance(cp_plan, dict) and cp_plan:
-        return from_cp_plan(cp_plan, f"diffusers {type(module).__name__}._cp_plan")
-    for rec in recipes.all_shipped():
-        if rec.parallel is not None and recipes.recipe_matches(rec, module):
-            return rec.parallel
-    return None
-
-
-def shipped_with_plans() -> List[str]:
-    from . import recipes
-
-    return [r.name for r in recipes.all_shipped() if r.parallel is not None]
-
-
 # -- resolving a plan against a model --------------------------------------------------------------------------------
 
 @dataclass(eq=False)
@@ -349,7 +285,7 @@ _NUM = re.compile(r"^\d+$")
 
 
 def _matches(pattern: str, paths: Sequence[str], last: bool) -> List[str]:
-    from .recipes import match
+    from .patterns import match
 
     hits = [p for p in paths if (p == "" if pattern == "" else (p != "" and match(pattern, p)))]
     if not last:
@@ -376,8 +312,7 @@ def _where(plan: SequencePlan, line: Optional[int], what: str) -> str:
 def resolve(plan: SequencePlan, root: torch.nn.Module) -> List[ModuleHooks]:
     """The hooks of ``plan`` on the modules of ``root`` (the root always gets one, to reset the region at
     each forward). Every entry must match a module and name an argument its forward takes."""
-    from .parallel import ContextParallelError
-    from .patch import original_class
+    from .originals import original_class
 
     modules = dict(root.named_modules())
     paths = list(modules)
@@ -440,7 +375,6 @@ def _signature(fwd) -> Tuple[Tuple[str, ...], Tuple[str, ...], bool]:
 
 
 def _check_argument(plan: SequencePlan, h: ModuleHooks, arg, line, cls: str) -> None:
-    from .parallel import ContextParallelError
 
     if isinstance(arg, int):
         if arg < 0 or (arg >= len(h.parameters) and not h.var_keyword):

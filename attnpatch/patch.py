@@ -1,7 +1,8 @@
-"""`apply`, `remove`, `patched`: send a model's attention calls to the router, scoped to that model and
-exactly undoable.
+"""The patching machinery behind `attnpatch.apply` (which lives in `attnpatch.applying`, with `patched`
+and the recipe glue) and `remove`: send a model's attention calls to the router, scoped to that model
+and exactly undoable.
 
-`apply(target)` walks every module of the target (a pipeline's components, a module, or a list), lets
+`apply_scoped(target, ...)` walks every module of the target (a pipeline's components, a module, or a list), lets
 each adapter (``attnpatch.adapters.<name>``, tried in ``PRIORITY`` order) claim the attention sites it
 recognises, gives every site a router `Scope` (its backend setting and its report), and patches the
 sites. Every change is recorded in an `UndoLog`: the owner, the attribute, whether the attribute was in
@@ -12,7 +13,6 @@ order, each only after checking that the current value is still attnpatch's, so 
 
 from __future__ import annotations
 
-import contextlib
 import copyreg
 import inspect
 import logging
@@ -22,14 +22,16 @@ import threading
 import weakref
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import (Any, Callable, Dict, Iterator, List, Literal, Mapping, Optional, Protocol,
+from typing import (Any, Callable, Dict, List, Literal, Mapping, Optional, Protocol,
                     Sequence, Tuple, Union)
 
 import torch
 
 from . import controls, router
-from .controls import BackendSpec, Scope
+from .controls import Scope
+from . import recipes
 from .recipes import Recipe  # noqa: F401  (the RecipeSpec annotation, resolvable by typing.get_type_hints)
+from .originals import ORIGINAL_CLASS, is_site_class, original_class  # noqa: F401  (re-exported for adapters)
 from .report import Report, ReportRow, describe_scope  # noqa: F401  (re-exported)
 
 logger = logging.getLogger("attnpatch")
@@ -119,16 +121,7 @@ class SiteMatch:
 # -- per-site classes ------------------------------------------------------------------------------------
 
 #: attribute names attnpatch puts on the per-site classes it creates (never on instances)
-ORIGINAL_CLASS = "_attnpatch_orig"
-
-
-def original_class(cls: type) -> type:
-    """The class attnpatch's per-site class was made from (``cls`` itself when it is not one)."""
-    return cls.__dict__.get(ORIGINAL_CLASS, cls)
-
-
-def is_site_class(cls: type) -> bool:
-    return ORIGINAL_CLASS in cls.__dict__
+# ORIGINAL_CLASS, original_class, is_site_class: attnpatch.originals (a leaf module; re-exported here)
 
 
 def _reduce_as(orig: type, holder: list):
@@ -551,121 +544,8 @@ def setting_of(names: Tuple[str, ...]) -> Union[str, Tuple[str, ...]]:
     return names[0] if len(names) == 1 else tuple(names)
 
 
-def apply(target: Target, backend: BackendSpec = "auto", recipe: RecipeSpec = None, allow_lossy: bool = False,
-          strict: bool = False, parallel: Any = None) -> Patch:
-    """Route every attention call of ``target`` through `attnpatch.attention_forward`.
-
-    ``target`` is a torch.nn.Module (diffusers, transformers, DiffSynth, timm or hand-written), a
-    diffusers pipeline (every nn.Module component is patched) or a list of these (a model listed twice
-    is patched once). ``backend`` is a name or a priority list, as in the router (other libraries' names
-    such as ``"_native_cudnn"`` or ``"flash_attention_2"`` are accepted, see `attnpatch.aliases`;
-    reports show attnpatch's names); "auto" picks per call. ``strict=True`` raises instead of falling
-    back; ``allow_lossy=True`` lets auto use lossy kernels for these sites. Only this target is
-    affected: other models and torch.nn.functional are untouched. Applying again to the same target
-    updates the settings (it never wraps twice). Returns the `Patch` handle; a target in which no
-    attention site is found gives an empty patch and a warning that says what attnpatch looks for.
-
-    ``recipe`` is a shipped recipe's name (``"flux"``), a path to a ``.yaml`` file, a dict or a
-    `attnpatch.recipes.Recipe`: its rules give each site its backend (see `attnpatch.recipes`). With
-    ``recipe=None`` and ``backend="auto"``, a shipped recipe that matches the model is used (the report
-    names it); in a list, each model gets the recipe that matches it. ``recipe=False`` never uses one.
-
-    A torch.compile'd model (``torch.compile(model)``) is patched through the module it compiles:
-    recipes match that module and site paths have no ``_orig_mod.`` prefix. A graph compiled before the
-    patch was traced from the unpatched model: dynamo's guards see the changed modules and the next
-    call compiles again, now with attnpatch's routing (and once more after `Patch.remove`). Apply
-    before compiling to compile once.
-
-    ``parallel`` (an `attnpatch.ContextParallel`, or a dict such as ``{"ulysses": 2}``) also splits the
-    model's sequence over the processes of a torch.distributed group (`attnpatch.parallel`); ``remove()``
-    undoes it too.
-    """
-    if not isinstance(strict, bool) or not isinstance(allow_lossy, bool):
-        raise TypeError("attnpatch.apply: strict and allow_lossy must be bools")
-    names = controls.normalise_backends(backend, "attnpatch.apply(backend=...)")
-    if names is None:
-        raise ValueError("attnpatch.apply: backend=None is not allowed; use 'auto' or a backend name")
-    target = uncompiled(target)
-    for _, m in _components(target):  # a patch made with another parallel setting is not updated in place
-        p = _PATCHES.get(m)
-        if p is not None and p.parallel is not None and not p.parallel.same_as(parallel):
-            p.remove()
-    if recipe is not False:
-        from . import recipes
-
-        patch = _apply_per_model(target, allow_lossy, strict) if recipe is None and names == controls.AUTO else None
-        if patch is None:
-            patch = recipes.apply_with_recipe(target, backend=setting_of(names), recipe=recipe,
-                                              allow_lossy=allow_lossy, strict=strict)
-    else:
-        settings = Settings(backend=setting_of(names), strict=strict, allow_lossy=allow_lossy, recipe=None)
-        patch = apply_scoped(target, settings, lambda site: _site_scope(site, settings, names, "apply()"))
-    if not patch.sites and not patch.left_alone:
-        logger.warning("attnpatch.apply: no attention sites found in %s, so nothing was patched; attnpatch looks "
-                       "for %s (`attnpatch inspect` lists what it finds)", _label(target), WHAT_ATTNPATCH_LOOKS_FOR)
-    if parallel is not None and patch.parallel is None:
-        from . import parallel as _parallel
-
-        try:
-            _parallel.attach(patch, target, parallel, recipe)
-        except BaseException:
-            patch.remove()
-            raise
-    return patch
-
-
 def _label(target) -> str:
     return getattr(target, "model_label", None) or type(target).__name__
-
-
-def _apply_per_model(target, allow_lossy: bool, strict: bool) -> Optional[Patch]:
-    """`apply(list)` with no recipe named: each model of the list gets the shipped recipe that matches it,
-    and its sites are labelled with that recipe. None when the models all match one recipe (or none):
-    the ordinary path serves them."""
-    from . import recipes
-
-    if not isinstance(target, (list, tuple)) or any(isinstance(t, (list, tuple)) for t in target):
-        return None
-    items: List[Tuple[str, Any]] = []
-    seen = set()
-    for i, t in enumerate(target):
-        t = uncompiled(t)
-        if id(t) not in seen:
-            seen.add(id(t))
-            item = _ListItem(i, t) if isinstance(t, torch.nn.Module) else t
-            items.append((_label(item), item))
-    found = [recipes.find_recipe(item) for _, item in items]
-    if len({r.name if r is not None else None for r in found}) <= 1:
-        return None
-    with _LOCK:
-        parts: List[Patch] = []
-        try:
-            for _, item in items:
-                parts.append(recipes.apply_with_recipe(item, backend="auto", recipe=None, allow_lossy=allow_lossy,
-                                                       strict=strict))
-        except BaseException:
-            for p in parts:
-                p.remove()
-            raise
-        settings = Settings(backend="auto", strict=strict, allow_lossy=allow_lossy,
-                            recipe=tuple(r.name if r is not None else None for r in found))
-        return _merged(parts, [label for label, _ in items], settings)
-
-
-def _merged(parts: List[Patch], labels: List[str], settings: Settings) -> Patch:
-    """One Patch holding the roots of ``parts`` (patches of the models of one list); removing it undoes
-    them all. Its ``recipe_name`` says which recipe each model got."""
-    merged = Patch(settings)
-    for p in parts:
-        merged._roots += p._roots
-        merged.left_alone += p.left_alone
-        p._roots = []
-        merged._parts.append(p)
-    for rp in merged._roots:
-        _PATCHES[rp.root] = merged
-    merged.schedule = next((p.schedule for p in parts if p.schedule is not None), None)
-    merged.recipe_name = "; ".join(f"{p.recipe_name or 'none'} for {label}" for p, label in zip(parts, labels))
-    return merged
 
 
 def apply_scoped(target, settings: Settings, scope_for: Callable[[Site], Optional[Scope]], *,
@@ -825,24 +705,16 @@ def patch_of(module: torch.nn.Module) -> Optional[Patch]:
     return _PATCHES.get(module)
 
 
-@contextlib.contextmanager
-def patched(target: Target, backend: BackendSpec = "auto", recipe: RecipeSpec = None, allow_lossy: bool = False,
-            strict: bool = False) -> Iterator[Patch]:
-    """``with attnpatch.patched(model, backend=...) as patch:`` — apply on entry, remove on exit (also
-    on error). If the target was already patched, its earlier settings come back on exit instead."""
-    roots = [m for _, m in _components(target)]
-    before = {id(_PATCHES.get(m)) for m in roots}
-    earlier = _PATCHES.get(roots[0]) if len(before) == 1 and None not in [_PATCHES.get(m) for m in roots] else None
-    saved = earlier.settings if earlier is not None else None
-    saved_scopes = [(s, s.scope) for s in earlier.sites] if earlier is not None else []
-    p = apply(target, backend=backend, recipe=recipe, allow_lossy=allow_lossy, strict=strict)
-    try:
-        yield p
-    finally:
-        if earlier is not None and p is earlier:  # it was patched before: restore its settings
-            with _LOCK:
-                earlier.settings = saved
-                for site, scope in saved_scopes:
-                    site.scope = scope
-        else:
-            p.remove()
+def patches_of(target) -> List[Patch]:
+    """The patches of ``target`` (a Patch, a module, a pipeline or a list), each once."""
+    if isinstance(target, Patch):
+        return [target]
+    out: List[Patch] = []
+    for _, m in _components(target):
+        p = _PATCHES.get(m)
+        if p is not None and p not in out:
+            out.append(p)
+    return out
+
+
+recipes.PATCHES_OF = patches_of  # step schedules find a target's patches through this (no import cycle)

@@ -56,11 +56,12 @@ import warnings
 import weakref
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import yaml
 
 from . import aliases, controls, registry
+from .patterns import match  # noqa: F401  (the matcher; recipes.match is its public name)
 from .controls import AUTO, Scope
 
 logger = logging.getLogger("attnpatch")
@@ -799,35 +800,7 @@ def find_recipe(target, include_lossy: bool = False) -> Optional[Recipe]:
 
 # -- the matcher ------------------------------------------------------------------------------------------
 
-@lru_cache(maxsize=1024)
-def _compile(pattern: str) -> "re.Pattern[str]":
-    if pattern.startswith("re:"):
-        return re.compile(pattern[3:])
-    parts = pattern.split(".")
-    rx = []
-    n = len(parts)
-    for i, seg in enumerate(parts):
-        last = i == n - 1
-        if seg == "**":
-            if n == 1:
-                rx.append(r".*")
-            elif last:
-                rx.append(r"(?:\.[^.]+)*")
-            else:
-                rx.append(r"(?:[^.]+\.)*")
-            continue
-        body = "".join("[^.]*" if ch == "*" else "[^.]" if ch == "?" else re.escape(ch) for ch in seg)
-        rx.append(body)
-        trailing_any = i + 1 == n - 1 and parts[i + 1] == "**"  # "a.**": the ** part brings its own dots
-        if not last and not trailing_any:
-            rx.append(r"\.")
-    return re.compile("".join(rx))
-
-
-def match(pattern: str, path: str) -> bool:
-    """The one matcher: ``pattern`` is a glob over the dotted path (``*`` within a segment, ``**``
-    any number of segments) or, written ``re:…``, a regex that must match the whole path."""
-    return _compile(pattern).fullmatch(path) is not None
+# `match` (and its compiled-pattern cache) lives in attnpatch.patterns; re-exported here.
 
 
 def relative_path(site) -> str:
@@ -1041,19 +1014,14 @@ class step:
             s.set(i, total)
 
 
+#: target -> its patches; set by `attnpatch.patch` when it is imported (recipes never imports patch).
+PATCHES_OF: Optional[Callable[[Any], List[Any]]] = None
+
+
 def _schedules_of(target) -> List[StepSchedule]:
     if target is None:
         return [s for s in list(_SCHEDULES) if s.active]
-    from . import patch as _patch
-
-    if isinstance(target, _patch.Patch):
-        patches = [target]
-    else:
-        patches = []
-        for _, m in _patch._components(target):
-            p = _patch.patch_of(m)
-            if p is not None and p not in patches:
-                patches.append(p)
+    patches = PATCHES_OF(target) if PATCHES_OF is not None else []
     return [p.schedule for p in patches if p.schedule is not None]
 
 
@@ -1150,135 +1118,3 @@ def closest_paths(pattern: str, sites: Sequence[Any], n: int = 3) -> List[str]:
 
     paths = sorted({relative_path(s) for s in sites})
     return difflib.get_close_matches(pattern.replace("re:", ""), paths, n=n, cutoff=0.3)
-
-
-def apply_with_recipe(target, backend="auto", recipe=None, allow_lossy: bool = False, strict: bool = False):
-    """`attnpatch.apply` with a recipe (called by it): ``recipe`` is a shipped name, a path, a dict, a
-    `Recipe`, or None (use a shipped recipe that matches the model when ``backend`` is "auto").
-
-    A ``backend`` other than "auto" replaces the recipe's ``default_backend`` (rules keep theirs);
-    ``allow_lossy=True`` applies where a rule does not say; ``strict`` applies to every site and also
-    makes a rule that matches no site an error (as does ``ATTNPATCH_STRICT=1``)."""
-    from . import patch as _patch
-
-    names = controls.normalise_backends(backend, "attnpatch.apply(backend=...)")
-    if recipe is None:
-        found = find_recipe(target) if names == AUTO else None
-        if found is None:
-            settings = _patch.Settings(backend=backend if isinstance(backend, str) else tuple(backend),
-                                       strict=strict, allow_lossy=allow_lossy, recipe=None)
-            return _patch.apply_scoped(
-                target, settings, lambda site: _patch._site_scope(site, settings, names, "apply()"))
-        rec = found
-    else:
-        rec = load(recipe)
-    override = None if names == AUTO else names
-    sites = _patch.discover(target)
-    comps = [c for c, _ in _patch._components(target)]
-    rplan = plan(rec, sites, comps)
-    label = getattr(target, "model_label", None) or type(target).__name__  # a list's model: patch._ListItem
-    check_unmatched(rplan, sites, _strict_recipes(strict), label)
-    rules = rec.rules
-    per_site: Dict[Tuple[str, str], List[Tuple[Optional[IndexSelector], Scope]]] = {}
-
-    def scope_for(site):
-        key = (site.component, site.path)
-        why = rplan.excluded.get(key)
-        if why is not None:
-            site.rule = f"recipe {rec.name}: {why}"
-            return None
-        cands = []
-        for i in rplan.candidates.get(key, []):
-            rule = rules[i]
-            cands.append((rule.steps, _rule_scope(rec, rule, site, override, allow_lossy, strict)))
-            if rule.steps is None:
-                break
-        if not cands or cands[-1][0] is not None:
-            cands.append((None, _rule_scope(rec, None, site, override, allow_lossy, strict)))
-        per_site[key] = cands
-        # before any step is known, the first rule without steps (or the default) holds
-        return cands[-1][1]
-
-    settings = _patch.Settings(backend=backend if isinstance(backend, str) else tuple(backend), strict=strict,
-                               allow_lossy=allow_lossy, recipe=rec.name)
-
-    def finish(patch):
-        patch.recipe_name = rec.name + ("" if recipe is not None else " (chosen automatically)")
-        entries = [(s, per_site[(s.component, s.path)]) for s in patch.sites
-                   if s.routed and len(per_site.get((s.component, s.path), ())) > 1]
-        if entries:
-            sched = StepSchedule(entries)
-            patch.schedule = sched
-            _SCHEDULES.add(sched)
-            _track_pipeline_steps(target, patch, sched)
-
-    return _patch.apply_scoped(target, settings, scope_for, skip_components=rplan.skip_components, finish=finish)
-
-
-def explain_sites(target, recipe=None, backend="auto", allow_lossy: bool = False) -> Tuple[Optional[Recipe], List[Dict[str, Any]]]:
-    """Without patching: each attention site of ``target`` and the recipe rule and backend it would get
-    (for `attnpatch inspect` and `attnpatch recipe check --model`). Rules with ``steps`` are listed with
-    their steps. Each row's ``candidates`` gives the same as data (see `_candidate`; empty when the
-    recipe leaves the site alone)."""
-    from . import patch as _patch
-
-    names = controls.normalise_backends(backend, "backend")
-    rec = None
-    if recipe is None:
-        rec = find_recipe(target) if names == AUTO else None
-    elif recipe is not False:
-        rec = load(recipe)
-    sites = _patch.discover(target)
-    rows = []
-    if rec is None:
-        for s in sites:
-            d = s.as_dict()
-            d.update(component=s.component, rule="apply()", backend=_describe(names), allow_lossy=allow_lossy,
-                     steps="", candidates=[_candidate("apply()", names, allow_lossy, None)])
-            rows.append(d)
-        return None, rows
-    comps = [c for c, _ in _patch._components(target)]
-    rplan = plan(rec, sites, comps)
-    override = None if names == AUTO else names
-    for s in sites:
-        d = s.as_dict()
-        d["component"] = s.component
-        key = (s.component, s.path)
-        if s.component in rplan.skip_components or key in rplan.excluded:
-            why = rplan.excluded.get(key) or f"exclude.components {s.component!r}"
-            d.update(rule=why, backend="(left alone)", allow_lossy=False, steps="", candidates=[])
-            rows.append(d)
-            continue
-        parts = []
-        cands = []
-        for i in rplan.candidates.get(key, []):
-            r = rec.rules[i]
-            sc = _rule_scope(rec, r, s, override, allow_lossy, False)
-            parts.append((r.name, _describe(sc.backends), sc.allow_lossy,
-                          f"steps {r.steps.describe()}" if r.steps else ""))
-            cands.append(_candidate(r.name, sc.backends, sc.allow_lossy, r.steps.describe() if r.steps else None))
-            if r.steps is None:
-                break
-        if not parts or parts[-1][3]:
-            sc = _rule_scope(rec, None, s, override, allow_lossy, False)
-            parts.append(("default_backend", _describe(sc.backends), sc.allow_lossy, ""))
-            cands.append(_candidate("default_backend", sc.backends, sc.allow_lossy, None))
-        d["candidates"] = cands
-        d.update(rule=" | ".join(p[0] for p in parts), backend=" | ".join(p[1] for p in parts),
-                 allow_lossy=any(p[2] for p in parts), steps=" | ".join(p[3] or "other steps" for p in parts)
-                 if len(parts) > 1 else "")
-        rows.append(d)
-    return rec, rows
-
-
-def _candidate(rule: str, names, allow_lossy: bool, steps: Optional[str]) -> Dict[str, Any]:
-    """One (rule, backend) a site may get, as data: ``backend`` is a list of names (``["auto"]`` for auto),
-    ``steps`` the rule's step selector or None (every step not taken by an earlier rule)."""
-    return {"rule": rule, "backend": ["auto"] if names is None or names == AUTO else list(names),
-            "allow_lossy": bool(allow_lossy), "steps": steps}
-
-
-def _describe(names) -> str:
-    if names is None or names == AUTO:
-        return "auto"
-    return ",".join(names)

@@ -362,6 +362,8 @@ def clear_cache() -> None:
         _TRACED_DECISIONS.clear()
 
 
+autotune.ON_CLEAR.append(clear_cache)
+
 def forget_scopes(scopes) -> None:
     """Drop every cached plan and decision made under one of ``scopes`` (a patch is being removed):
     afterwards the router holds no reference to them, their sites or their modules. Counts move to the

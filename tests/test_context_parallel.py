@@ -264,14 +264,14 @@ def test_apply_without_a_process_group_is_refused_and_leaves_the_model_unpatched
 def test_diffusers_cp_plan_is_converted():
     from attnpatch import tiny_models
 
-    wan = parallel_plan.plan_for_module(tiny_models.build("tiny-wan"))
+    wan = parallel.plan_for_module(tiny_models.build("tiny-wan"))
     assert wan.source == "diffusers WanTransformer3DModel._cp_plan" and wan.cross_kv == "replicated"
     assert {(s.module, s.input, s.output, s.dim) for s in wan.splits} >= {
         ("rope", None, 0, 1), ("rope", None, 1, 1), ("blocks.0", "hidden_states", None, 1)}
     assert [(g.module, g.dim) for g in wan.gathers] == [("proj_out", 1)]
-    flux = parallel_plan.plan_for_module(tiny_models.build("tiny-flux"))
+    flux = parallel.plan_for_module(tiny_models.build("tiny-flux"))
     assert ("", "txt_ids", 0) in {(s.module, s.input, s.dim) for s in flux.splits}
-    assert parallel_plan.plan_for_module(tiny_models.build("tiny-llama")).source == "llama.yaml"
+    assert parallel.plan_for_module(tiny_models.build("tiny-llama")).source == "llama.yaml"
 
 
 def test_every_shipped_plan_resolves_against_its_small_model():
@@ -279,7 +279,7 @@ def test_every_shipped_plan_resolves_against_its_small_model():
 
     models = {"sd15": "tiny-sd15", "sdxl": "tiny-sdxl", "sd3": "tiny-sd3", "hunyuanvideo": "tiny-hunyuanvideo",
               "llama": "tiny-llama", "qwen2": "tiny-qwen2"}
-    assert set(parallel_plan.shipped_with_plans()) == set(models)
+    assert set(parallel.shipped_with_plans()) == set(models)
     for name, tiny in models.items():
         model = tiny_models.build(tiny)
         hooks = parallel_plan.resolve(recipes.shipped(name).parallel, model)
