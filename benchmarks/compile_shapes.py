@@ -23,6 +23,8 @@ import time
 
 import torch
 
+from _timing import first_tensor, sync  # benchmarks/_timing.py
+
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -82,17 +84,6 @@ def _to(kw, device, dtype):
                 if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _first(out):
-    while isinstance(out, (tuple, list)):
-        out = out[0]
-    return out
-
-
 def run_one(model, shapes, mode: str, patched: bool, device, repeats: int, refs):
     import torch._dynamo as dynamo
     from torch._dynamo.testing import CompileCounterWithBackend
@@ -106,19 +97,19 @@ def run_one(model, shapes, mode: str, patched: bool, device, repeats: int, refs)
     rows = []
     try:
         for (kw, label), ref in zip(list(shapes) + [shapes[0]], refs + [refs[0]]):
-            _sync(device)
+            sync(device)
             t0 = time.perf_counter()
             with torch.no_grad():
-                out = _first(compiled(**kw))
-            _sync(device)
+                out = first_tensor(compiled(**kw))
+            sync(device)
             first = time.perf_counter() - t0
             times = []
             for _ in range(repeats):
-                _sync(device)
+                sync(device)
                 t0 = time.perf_counter()
                 with torch.no_grad():
                     compiled(**kw)
-                _sync(device)
+                sync(device)
                 times.append(time.perf_counter() - t0)
             err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
             rows.append({"shape": label, "first_call_s": first, "median_ms": statistics.median(times) * 1e3,
@@ -164,7 +155,7 @@ def main(argv=None) -> int:
         torch.manual_seed(0)
         model, shapes = builders[name](args.layers, args.small, device, dtype)
         with torch.no_grad():
-            refs = [_first(model(**kw)).float() for kw, _ in shapes]
+            refs = [first_tensor(model(**kw)).float() for kw, _ in shapes]
         results["models"][name] = {}
         for mode in args.modes.split(","):
             for patched in (False, True):

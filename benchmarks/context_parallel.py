@@ -61,6 +61,8 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 import torch.distributed as dist
 
+from _timing import first_tensor, sync, timed_repeats  # benchmarks/_timing.py
+
 WAN_13B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
                text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
                qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
@@ -129,48 +131,25 @@ def build(name: str, small: bool, device, dtype):
 
 # -- timing and comparison ----------------------------------------------------------------------------------
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _first(out):
-    while isinstance(out, (tuple, list)):
-        out = out[0]
-    return out.sample if hasattr(out, "sample") else out
-
-
 def time_forward(fn: Callable[[], Any], device, warmup: int, repeats: int) -> Dict[str, Any]:
     """First call (ms), then the median of ``repeats`` calls after ``warmup`` more; peak GiB; the output."""
     with torch.no_grad():
-        _sync(device)
+        sync(device)
         dist.barrier()
         t0 = time.perf_counter()
         out = fn()
-        _sync(device)
+        sync(device)
         first = (time.perf_counter() - t0) * 1e3
         for _ in range(warmup):
             out = fn()
-        _sync(device)
+        sync(device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         dist.barrier()
-        times = []
-        for _ in range(repeats):
-            if device.type == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                out = fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-            else:
-                t1 = time.perf_counter()
-                out = fn()
-                times.append((time.perf_counter() - t1) * 1e3)
+        times, out = timed_repeats(fn, device, repeats)
         peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     return {"first_call_ms": first, "median_ms": statistics.median(times), "min_ms": min(times),
-            "times_ms": [round(t, 3) for t in times], "peak_gib": peak, "output": _first(out)}
+            "times_ms": [round(t, 3) for t in times], "peak_gib": peak, "output": first_tensor(out)}
 
 
 def compare(out, ref) -> Dict[str, Any]:
@@ -253,7 +232,7 @@ def bench_model(name: str, args, device, dtype, deadline: float, log) -> Dict[st
         finally:
             patch.remove()
         with torch.no_grad():
-            restored = _first(run())
+            restored = first_tensor(run())
         if name_ in V:
             V[name_]["restored_bitwise"] = bool(torch.equal(restored, ref[0]))
 

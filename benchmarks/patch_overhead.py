@@ -41,6 +41,8 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
+from _timing import sync, timed_repeats  # benchmarks/_timing.py
+
 # -- models -------------------------------------------------------------------------------------------
 
 FLUX_DEV = dict(patch_size=1, in_channels=64, out_channels=None, num_layers=19, num_single_layers=38,
@@ -141,32 +143,15 @@ def build(name: str, small: bool, device, dtype):
 
 # -- timing -------------------------------------------------------------------------------------------
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_forward(fn: Callable[[], Any], device, warmup: int, repeats: int) -> Dict[str, Any]:
     """Median / min / all times in ms of ``fn()``, after ``warmup`` calls; peak memory in GiB."""
     with torch.no_grad():
         for _ in range(warmup):
             out = fn()
-        _sync(device)
+        sync(device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        times = []
-        for _ in range(repeats):
-            if device.type == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                out = fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-            else:
-                t0 = time.perf_counter()
-                out = fn()
-                times.append((time.perf_counter() - t0) * 1e3)
+        times, out = timed_repeats(fn, device, repeats)
         peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     return {"median_ms": statistics.median(times), "min_ms": min(times), "times_ms": [round(t, 3) for t in times],
             "peak_gib": peak, "output": out}
@@ -308,7 +293,7 @@ def bench_model(name: str, args, device, dtype, deadline: float) -> Dict[str, An
             try:
                 with torch.no_grad():
                     compiled(**inputs)
-                _sync(device)
+                sync(device)
             except Exception as exc:
                 V[label] = {"error": f"{type(exc).__name__}: {str(exc)[:400]}"}
                 traceback.print_exc()
