@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from . import autotune, controls, registry, shipped_tables
-from .call import (AttentionInputError, Call, Features, NO_FEATURES, build_call, bucket_range, call_from_meta,
+from .call import (AttentionInputError, Call, Features, NO_FEATURES, build_call, call_from_meta,
                    check_flags, check_shapes, check_softcap, check_window, length_bucket, split_dims, tensor_meta)
 from .controls import AUTO, Scope, _CONTEXT
 

@@ -9,7 +9,6 @@ the issue's 3e-2 target is recorded as a strict xfail for that mode; the
 """
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch

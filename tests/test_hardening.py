@@ -8,7 +8,6 @@ from __future__ import annotations
 import copy
 import gc
 import os
-import pathlib
 import pickle
 import stat
 import subprocess

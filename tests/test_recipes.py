@@ -3,7 +3,6 @@ the one matcher, rule order, blocks, excludes, and step schedules in a real (tin
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections import Counter
 

@@ -9,7 +9,6 @@ Every output is compared with ``sdpa_math`` in float64 on the same inputs.
 
 from __future__ import annotations
 
-import importlib
 import os
 import subprocess
 import sys
@@ -25,7 +24,7 @@ from attnpatch.backends import _custom_ops
 from attnpatch.backends._third_party import ThirdPartyBackend, pack_keys
 from attnpatch.call import Call
 
-from standins import CALLS, install, modules_for
+from standins import CALLS, install
 
 THIRD_PARTY = {cls.NAME: cls for cls in BUILTIN if issubclass(cls, ThirdPartyBackend)}
 EXACT = ("flash_attn", "flash_attn3", "flash_attn4", "xformers")

@@ -40,7 +40,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import Counter
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
