@@ -7,9 +7,12 @@ for SDPA gives bit-identical outputs through it. Auto never picks it: tests name
 
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict, Iterator, List
 
 import torch
+import torch.nn.functional as F
+
+import attnpatch
 
 from attnpatch.backends.sdpa import SdpaBackend
 
@@ -36,6 +39,28 @@ def recording_backend(name: str):
             return record
 
     return Recording
+
+
+def registered(backend) -> Iterator[List[dict]]:
+    """For a fixture: register a `recording_backend` class, yield its (cleared) call list, unregister."""
+    attnpatch.register_backend(backend, replace=True)
+    backend.calls.clear()
+    yield backend.calls
+    attnpatch.unregister_backend(backend.NAME)
+
+
+class SdpaBlock(torch.nn.Module):
+    """A module whose forward calls F.scaled_dot_product_attention (the generic adapter's case)."""
+
+    def __init__(self, dim=32, heads=4):
+        super().__init__()
+        self.qkv = torch.nn.Linear(dim, 3 * dim)
+        self.heads = heads
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c)
 
 
 def snapshot(model: torch.nn.Module) -> dict:

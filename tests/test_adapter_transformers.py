@@ -19,7 +19,7 @@ transformers = pytest.importorskip("transformers")
 
 from attnpatch.adapters import transformers as adapter  # noqa: E402
 
-from _patch_helpers import assert_restored, recording_backend, snapshot  # noqa: E402
+from _patch_helpers import assert_restored, recording_backend, registered, snapshot  # noqa: E402
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -28,10 +28,7 @@ Recording = recording_backend("tf_recording")
 
 @pytest.fixture
 def rec():
-    attnpatch.register_backend(Recording, replace=True)
-    Recording.calls.clear()
-    yield Recording.calls
-    attnpatch.unregister_backend(Recording.NAME)
+    yield from registered(Recording)
 
 
 def _apply(model, backend="tf_recording", **kw):

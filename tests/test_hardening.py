@@ -25,23 +25,12 @@ from attnpatch import autotune, diskfile, recipes, registry, router
 from attnpatch.backends.sdpa import SdpaBackend
 from attnpatch.call import Call
 
-from _patch_helpers import recording_backend
+from _patch_helpers import SdpaBlock, recording_backend
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
-class Block(nn.Module):
-    """A module whose forward calls F.scaled_dot_product_attention (the generic adapter's case)."""
-
-    def __init__(self, dim=32, heads=4):
-        super().__init__()
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.heads = heads
-
-    def forward(self, x):
-        b, n, c = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
-        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c)
+Block = SdpaBlock  # tests/_patch_helpers.py
 
 
 Rec = recording_backend("hard_recording")

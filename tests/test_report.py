@@ -14,17 +14,14 @@ import attnpatch
 from attnpatch import tiny_models
 from attnpatch.patch import patch_of
 
-from _patch_helpers import assert_restored, recording_backend, snapshot
+from _patch_helpers import assert_restored, recording_backend, registered, snapshot
 
 Recording = recording_backend("report_recording")
 
 
 @pytest.fixture
 def rec():
-    attnpatch.register_backend(Recording, replace=True)
-    Recording.calls.clear()
-    yield Recording.calls
-    attnpatch.unregister_backend(Recording.NAME)
+    yield from registered(Recording)
 
 
 class Attn(torch.nn.Module):
