@@ -9,6 +9,11 @@ dynamic cache and, for the small model, with transformers' static cache under
 ``torch.compile(mode="reduce-overhead")`` (CUDA graphs). Reports the median time of a few runs, ms
 per generated token, the first run (compile included where there is one), whether the tokens are
 identical, and attnpatch's decisions per generated token. Writes DIR/generate_timing.json and .md.
+
+``--fresh-processes`` runs every row in its own Python process (what a user who generates once per
+process pays: CUDA start-up, torch's per-length cuDNN graph builds, attnpatch's decisions), one after
+the other, each adding its row to DIR/generate_timing.json; stock's tokens are kept in DIR for the
+patched rows to compare with. ``--patched auto,sdpa_flash`` adds a row per backend setting.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import datetime
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 
@@ -73,25 +79,78 @@ def timed_generate(model, ids, new_tokens, device, repeats, **kw):
             "ms_per_token": statistics.median(times[1:]) / new_tokens * 1e3}, outs[-1]
 
 
+def interleaved(model, ids, new_tokens, device, backends, rounds):
+    """Steady state without drift: after one warm-up generate per setting, ``rounds`` rounds that each
+    run stock and every patched setting once, in turn. {label: {"min_s", "median_s", "ms_per_token"}}."""
+    settings = ["stock"] + list(backends)
+    times = {s: [] for s in settings}
+    for r in range(rounds + 1):
+        for s in settings:
+            patch = attnpatch.apply(model, backend=s) if s != "stock" else None
+            try:
+                _sync(device)
+                t0 = time.perf_counter()
+                with torch.no_grad():
+                    model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+                _sync(device)
+                if r:
+                    times[s].append(time.perf_counter() - t0)
+            finally:
+                if patch is not None:
+                    patch.remove()
+    out = {}
+    for s, ts in times.items():
+        label = "dynamic cache / stock" if s == "stock" else _patched_label(s)
+        out[label] = {"min_s": min(ts), "median_s": statistics.median(ts),
+                      "ms_per_token": statistics.median(ts) / new_tokens * 1e3, "rounds": rounds}
+    return out
+
+
+def _patched_label(backend: str) -> str:
+    return "dynamic cache / attnpatch" + ("" if backend == "auto" else f" backend={backend}")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True)
     p.add_argument("--models", default="qwen2.5-0.5b,llama-8b")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--patched", default="auto", help="backend settings for the patched dynamic-cache rows, comma "
+                   "separated (auto, or a backend name such as sdpa_flash); empty: no patched row")
     p.add_argument("--compiled", default="qwen2.5-0.5b", help="models also run with static cache + reduce-overhead")
-    p.add_argument("--compiled-only", action="store_true", help="skip the patched dynamic-cache row (stock is the "
+    p.add_argument("--compiled-only", action="store_true", help="skip the patched dynamic-cache rows (stock is the "
                    "reference for identical tokens and is always run)")
     p.add_argument("--append", action="store_true", help="keep the rows of an earlier run's generate_timing.json in --out")
+    p.add_argument("--fresh-processes", action="store_true", help="run every row in a new Python process")
+    p.add_argument("--interleaved", type=int, default=0, metavar="ROUNDS",
+                   help="instead: steady state, stock and each --patched setting in turn for ROUNDS rounds, "
+                   "one process; writes generate_interleaved.json/.md")
+    p.add_argument("--row", default=None, help=argparse.SUPPRESS)  # one row only (used by --fresh-processes)
     args = p.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    if args.fresh_processes:
+        base = [sys.executable, os.path.abspath(__file__), "--out", args.out, "--new-tokens", str(args.new_tokens),
+                "--repeats", str(args.repeats), "--patched", args.patched, "--compiled", args.compiled]
+        rows = ["stock"] + ([] if args.compiled_only else [b for b in args.patched.split(",") if b])
+        first = not args.append
+        for name in args.models.split(","):
+            for row in rows:
+                cmd = base + ["--models", name, "--row", row] + ([] if first else ["--append"])
+                first = False
+                print("running:", " ".join(cmd[2:]), flush=True)
+                subprocess.run(cmd, check=False)
+        return 0
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
     import transformers
+    if args.interleaved:
+        return _interleaved_main(args, device, dtype)
     res = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
-           "transformers": transformers.__version__, "new_tokens": args.new_tokens, "models": {}}
-    os.makedirs(args.out, exist_ok=True)
+           "transformers": transformers.__version__, "new_tokens": args.new_tokens,
+           "fresh_processes": args.row is not None, "models": {}}
     # results are written after every row, so a run that dies (a crash inside a compiled graph) keeps the
     # rows before it; the row that was running is printed first
     previous = os.path.join(args.out, "generate_timing.json")
@@ -107,21 +166,30 @@ def main(argv=None) -> int:
         model = build(name, device, dtype)
         ids = torch.randint(100, 1000, (1, 32), generator=torch.Generator().manual_seed(0)).to(device)
         rows = res["models"].setdefault(name, {})
-        print(f"running: {name} dynamic cache / stock", flush=True)
-        stock, ref = timed_generate(model, ids, args.new_tokens, device, args.repeats)
-        rows["dynamic cache / stock"] = stock
-        save()
-        if not args.compiled_only:
-            print(f"running: {name} dynamic cache / attnpatch", flush=True)
-            with attnpatch.patched(model) as patch:
+        tokens_file = os.path.join(args.out, f"tokens_{name}.pt")
+        ref = None
+        if args.row in (None, "stock"):
+            print(f"running: {name} dynamic cache / stock", flush=True)
+            stock, ref = timed_generate(model, ids, args.new_tokens, device, args.repeats)
+            rows["dynamic cache / stock"] = stock
+            torch.save(ref.cpu(), tokens_file)
+            save()
+        elif os.path.exists(tokens_file):
+            ref = torch.load(tokens_file).to(device)
+        patched_rows = [b for b in args.patched.split(",") if b] if args.row is None else (
+            [] if args.row == "stock" else [args.row])
+        for backend in ([] if args.compiled_only else patched_rows):
+            label = _patched_label(backend)
+            print(f"running: {name} {label}", flush=True)
+            with attnpatch.patched(model, backend=backend) as patch:
                 before = router.DECISIONS_MADE[0]
                 r, out = timed_generate(model, ids, args.new_tokens, device, args.repeats)
                 r["decisions"] = router.DECISIONS_MADE[0] - before
-                r["identical_tokens"] = bool(torch.equal(out, ref))
+                r["identical_tokens"] = bool(torch.equal(out, ref)) if ref is not None else None
                 r["backends"] = sorted({n for row in patch.report().rows for n in row.calls})
-                rows["dynamic cache / attnpatch"] = r
+                rows[label] = r
             save()
-        if name in args.compiled.split(","):
+        if args.row is None and name in args.compiled.split(","):
             import torch._dynamo as dynamo
             for who in ("stock", "attnpatch"):
                 print(f"running: {name} static cache + reduce-overhead / {who}", flush=True)
@@ -153,7 +221,7 @@ def main(argv=None) -> int:
              "| model | run | first run (s) | median (s) | ms/token | vs stock | identical tokens | decisions |",
              "|---|---|---:|---:|---:|---:|---|---:|"]
     for name, rows in res["models"].items():
-        base = {"dynamic": rows["dynamic cache / stock"]["median_s"],
+        base = {"dynamic": rows.get("dynamic cache / stock", {}).get("median_s"),
                 "static": rows.get("static cache + reduce-overhead / stock", {}).get("median_s")}
         for label, r in rows.items():
             b = base["static" if label.startswith("static") else "dynamic"]
@@ -162,6 +230,39 @@ def main(argv=None) -> int:
                          f"{ratio} | {r.get('identical_tokens', '-')} | {r.get('decisions', '-')} |")
     md = "\n".join(lines) + "\n"
     with open(os.path.join(args.out, "generate_timing.md"), "w") as f:
+        f.write(md)
+    print(md)
+    return 0
+
+
+def _interleaved_main(args, device, dtype) -> int:
+    import transformers
+
+    res = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
+           "transformers": transformers.__version__, "new_tokens": args.new_tokens, "models": {}}
+    backends = [b for b in args.patched.split(",") if b]
+    lines = [f"# generate, steady state, interleaved ({res['device']}, torch {res['torch']}, transformers "
+             f"{res['transformers']}, {res['date']})", "",
+             f"Greedy, batch 1, 32-token prompt, {args.new_tokens} new tokens; one warm-up round, then "
+             f"{args.interleaved} rounds each running every setting once, in turn, in one process.", "",
+             "| model | run | min (s) | median (s) | ms/token | median vs stock |", "|---|---|---:|---:|---:|---:|"]
+    for name in args.models.split(","):
+        model = build(name, device, dtype)
+        ids = torch.randint(100, 1000, (1, 32), generator=torch.Generator().manual_seed(0)).to(device)
+        rows = interleaved(model, ids, args.new_tokens, device, backends, args.interleaved)
+        res["models"][name] = rows
+        base = rows["dynamic cache / stock"]["median_s"]
+        for label, r in rows.items():
+            lines.append(f"| {name} | {label} | {r['min_s']:.3f} | {r['median_s']:.3f} | {r['ms_per_token']:.2f} | "
+                         f"{r['median_s'] / base:.3f} |")
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    with open(os.path.join(args.out, "generate_interleaved.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    md = "\n".join(lines) + "\n"
+    with open(os.path.join(args.out, "generate_interleaved.md"), "w") as f:
         f.write(md)
     print(md)
     return 0

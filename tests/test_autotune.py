@@ -577,6 +577,27 @@ def test_this_machines_measurement_wins_over_the_shipped_table(monkeypatch, meas
     assert backend.NAME == "sdpa_flash" and "cached" in how
 
 
+def test_a_decoding_step_takes_flash_from_the_shipped_table(monkeypatch, measured_torch):
+    """sm90 decoding (one query token): flash, not torch's dispatch, whose cuDNN kernel builds a graph
+    for every new key length; a decoding step flash cannot serve falls to the general rule."""
+    import dataclasses
+
+    from attnpatch import shipped_tables
+
+    monkeypatch.setattr(autotune, "machine_info", lambda call: {"device": "cuda", "gpu": "Fake H200", "torch": "x"})
+    cands = eligible_for(cpu_call())
+    decode = dataclasses.replace(_cuda_call((9, 0)), seq_q=1)
+    fake = FakeTimer({"sdpa": 1.0})
+    with autotune.override_timer(fake, devices=("cuda",)):
+        backend, how = autotune.choose(decode, cands)
+        assert backend.NAME == "sdpa_flash" and "decode" in how and fake.asked == []
+        without_flash = [b for b in cands if b.NAME != "sdpa_flash"]  # e.g. a masked step
+        assert autotune.choose(decode, without_flash)[0].NAME == "sdpa"
+        assert autotune.choose(_cuda_call((9, 0)), cands)[0].NAME == "sdpa"  # prefill: the general rule
+    assert fake.asked == []
+    assert set(shipped_tables.CALL_KINDS) >= {r.calls for r in shipped_tables.RULES}
+
+
 def test_the_shipped_rules_prefer_an_exact_kernel_they_cover():
     from attnpatch import registry, shipped_tables
 
