@@ -408,39 +408,40 @@ def _decision_for(call: Call, arg_names, ctx, site) -> Decision:
 
 def _bucket_key(cache_key: tuple) -> Optional[tuple]:
     """The key of ``cache_key``'s length bucket: the exact key with the sequence lengths replaced by
-    their buckets (and whether they are equal); None for calls that keep exact plans (2-D masks, whose
-    reading depends on the sizes, and inputs that are not 4-D)."""
-    qs, ks, vs, mask, layout = cache_key[0], cache_key[1], cache_key[2], cache_key[7], cache_key[8]
+    their buckets (and whether they are equal, and whether the values' length is the keys'); None for
+    calls that keep exact plans (2-D masks, whose reading depends on the sizes, and inputs that are not
+    4-D). On the hot path of decoding (a new key length every step): plain indexing, no loops."""
+    qs, ks, vs = cache_key[0], cache_key[1], cache_key[2]
     if len(qs) != 4 or len(ks) != 4 or len(vs) != 4:
         return None
-    si = 2 if layout == "bnsd" else 1
-    sq, skv = qs[si], ks[si]
+    if cache_key[8] == "bnsd":
+        b, h, sq, d = qs
+        bk, hk, skv, dk = ks
+        bv, hv, sv, dv = vs
+    else:  # "bsnd" (an unknown layout finds no bucket and is refused when planned)
+        b, sq, h, d = qs
+        bk, skv, hk, dk = ks
+        bv, sv, hv, dv = vs
     if not sq or not skv:
         return None
     mkey = None
+    mask = cache_key[7]
     if mask is not None:
         mshape = mask[0]
-        n = len(mshape)
-        if n < 3:
+        if len(mshape) < 3:
             return None
         # each mask dim is 1 or the call's size; the last two follow the lengths
         mkey = (tuple(mshape[:-2]), mshape[-2] == 1, mshape[-1] == 1, mshape[-2] in (1, sq),
                 mshape[-1] in (1, skv), mask[1])
         if not (mkey[3] and mkey[4]):
             return None
-    lengths = (length_bucket(sq), length_bucket(skv), (sq > skv) - (sq < skv))
-    rest = tuple(d for i, d in enumerate(qs) if i != si), tuple(d for i, d in enumerate(ks) if i != si), \
-        tuple(d for i, d in enumerate(vs) if i != si)
-    return (rest, lengths, mkey) + cache_key[3:7] + cache_key[8:]
+    lengths = (length_bucket(sq), length_bucket(skv), (sq > skv) - (sq < skv), sv == skv)
+    return ((b, h, d, bk, hk, dk, bv, hv, dv), lengths, mkey) + cache_key[3:7] + cache_key[8:]
 
 
-def _miss(cache_key, query, key, value, layout, attn_mask, is_causal, scale, dropout_p, grad, backend,
+def _miss(cache_key, bkey, query, key, value, layout, attn_mask, is_causal, scale, dropout_p, grad, backend,
           features, sinks) -> Plan:
-    bkey = _bucket_key(cache_key)
-    if bkey is not None:
-        plan = _BUCKETS.get(bkey)
-        if plan is not None:
-            return plan
+    """Plan a call whose exact key and length bucket (``bkey``, None for exact-only calls) have none."""
     ctx, site = cache_key[-3], cache_key[-2]
     owner = site.site if site is not None else None
     planner = SITE_PLANNERS.get(owner) if owner is not None and query.dim() == 4 else None
@@ -585,9 +586,12 @@ def route(site: Optional[Scope], query, key, value, layout="bnsd", attn_mask=Non
         build_call(query, key, value, layout, attn_mask, is_causal, scale, dropout_p, False)  # says which
         _arg_names(backend)
         raise
-    if plan is None:
-        plan = _miss(cache_key, query, key, value, layout, attn_mask, is_causal, scale, dropout_p, grad, backend,
-                     features or NO_FEATURES, sinks)
+    if plan is None:  # a new exact shape: its length bucket's plan serves it (decoding), else plan it
+        bkey = _bucket_key(cache_key)
+        plan = _BUCKETS.get(bkey) if bkey is not None else None
+        if plan is None:
+            plan = _miss(cache_key, bkey, query, key, value, layout, attn_mask, is_causal, scale, dropout_p, grad,
+                         backend, features or NO_FEATURES, sinks)
     plan.calls += 1
     if sinks is None:
         return plan.run(query, key, value, attn_mask, is_causal, scale, dropout_p)

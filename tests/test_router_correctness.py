@@ -324,3 +324,15 @@ def test_flex_backward_on_cpu_is_refused_and_falls_back():
     reference(qd, kd, vd, mask, case.causal, None, case.layout).sum().backward()
     for got, want in zip((q.grad, k.grad, v.grad), (qd.grad, kd.grad, vd.grad)):
         torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-4)
+
+
+def test_a_length_bucket_plan_never_serves_values_of_another_length():
+    """Decoding reuses the plan of a length bucket for every new key length; values whose length
+    differs from the keys' must still be refused by attnpatch's own check, naming both lengths."""
+    q = torch.randn(1, 8, 1, 64)
+    k = torch.randn(1, 2, 300, 64)
+    attnpatch.attention_forward(q, k, k)  # plans the bucket [256, 320)
+    torch.testing.assert_close(attnpatch.attention_forward(q, k[:, :, :299], k[:, :, :299]),
+                               F.scaled_dot_product_attention(q, k[:, :, :299], k[:, :, :299], enable_gqa=True))
+    with pytest.raises(ValueError, match="30[01]"):  # attnpatch.call.AttentionInputError
+        attnpatch.attention_forward(q, torch.randn(1, 2, 301, 64), torch.randn(1, 2, 300, 64))
