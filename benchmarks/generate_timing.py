@@ -32,6 +32,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import attnpatch  # noqa: E402
+from _timing import sync  # noqa: E402
 from attnpatch import router  # noqa: E402
 
 CONFIGS = {
@@ -60,19 +61,16 @@ def build(name, device, dtype):
     return model.eval().requires_grad_(False)
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def timed_generate(model, ids, new_tokens, device, repeats, **kw):
     outs, times = [], []
     for _ in range(repeats + 1):
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         with torch.no_grad():
             out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, **kw)
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - t0)
         outs.append(out)
     return {"first_s": times[0], "median_s": statistics.median(times[1:]),
@@ -88,11 +86,11 @@ def interleaved(model, ids, new_tokens, device, backends, rounds):
         for s in settings:
             patch = attnpatch.apply(model, backend=s) if s != "stock" else None
             try:
-                _sync(device)
+                sync(device)
                 t0 = time.perf_counter()
                 with torch.no_grad():
                     model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-                _sync(device)
+                sync(device)
                 if r:
                     times[s].append(time.perf_counter() - t0)
             finally:

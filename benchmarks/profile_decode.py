@@ -33,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import attnpatch  # noqa: E402
+from _timing import sync  # noqa: E402
 from generate_timing import build  # noqa: E402
 
 
@@ -58,19 +59,14 @@ class Decoder:
         return out.logits
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _step_times(model, device, steps):
     dec = Decoder(model, device)
     times = []
     for _ in range(steps):
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         dec.step()
-        _sync(device)
+        sync(device)
         times.append((time.perf_counter() - t0) * 1e3)
     return times
 
@@ -87,11 +83,11 @@ def profile(model, device, steps, label, lines):
     for _ in range(4):
         dec.step()
     # the same steps back to back, one sync at the end (what generate's queue sees)
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     for _ in range(steps):
         dec.step()
-    _sync(device)
+    sync(device)
     lines.append(f"back to back: {(time.perf_counter() - t0) * 1e3 / steps:.3f} ms per step")
 
     if device.type == "cuda":
@@ -111,7 +107,7 @@ def profile(model, device, steps, label, lines):
     with torch.profiler.profile(activities=acts, record_shapes=True) as prof:
         for _ in range(8):
             dec.step()
-        _sync(device)
+        sync(device)
     events = prof.key_averages()
     lines.append("\ntorch.profiler, 8 decode steps, by count:\n")
     lines.append(events.table(sort_by="count", row_limit=40, max_name_column_width=70))
@@ -130,7 +126,7 @@ def profile(model, device, steps, label, lines):
     pr.enable()
     for _ in range(8):
         dec.step()
-    _sync(device)
+    sync(device)
     pr.disable()
     s = io.StringIO()
     pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(30)
