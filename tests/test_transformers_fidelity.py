@@ -9,6 +9,7 @@ import logging
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import attnpatch
 from attnpatch import router
@@ -219,3 +220,55 @@ def test_new_instances_of_a_patched_configs_class_do_not_turn_routing_off(caplog
         assert all(s.routed for s in p.sites)
         assert {n for r in p.report().rows for n in r.calls} == {"sdpa_math"}
     assert not any("no longer routes" in r.getMessage() for r in caplog.records)
+
+
+# -- masked GQA decoding on CUDA: the query heads fold into the query length, the cache is not copied ----
+
+def _cuda_decode_call(q, k, mask, **kw):
+    """attnpatch's Call for these CPU tensors, as if they were on an sm90 GPU (the runner only uses
+    torch ops that run on both)."""
+    import dataclasses
+
+    from attnpatch.call import build_call
+
+    call, _ = build_call(q, k, k, "bnsd", mask, False, None, 0.0, False)
+    return dataclasses.replace(call, device_type="cuda", capability=(9, 0), **kw)
+
+
+def test_masked_gqa_decoding_packs_query_heads_instead_of_repeating_the_cache(monkeypatch):
+    """transformers' padded batch decoding on CUDA: one query token, GQA, a (b, 1, 1, s_kv) padding
+    mask. Torch's fused kernels take no GQA with a mask, so the runner used to repeat the key/value
+    heads (a copy of the whole cache per layer per token); it now runs q (b, h_q, 1, d) as
+    (b, h_kv, h_q / h_kv, d), exactly."""
+    from attnpatch.backends.sdpa import SdpaBackend
+
+    torch.manual_seed(0)
+    q = torch.randn(3, 8, 1, 16)
+    k = torch.randn(3, 2, 37, 16)
+    v = torch.randn(3, 2, 37, 16)
+    mask = torch.ones(3, 1, 1, 37, dtype=torch.bool)
+    mask[0, ..., :5] = False  # left padding of the first sequence
+    ref = F.scaled_dot_product_attention(q, k.repeat_interleave(4, 1), v.repeat_interleave(4, 1), attn_mask=mask)
+
+    backend = SdpaBackend()
+    call = _cuda_decode_call(q, k, mask)
+    assert backend._packs_gqa(call)
+    run = backend.build(call)
+
+    def no_repeat(*a, **kw):
+        raise AssertionError("the key/value heads were repeated")
+    monkeypatch.setattr(torch.Tensor, "repeat_interleave", no_repeat)
+    torch.testing.assert_close(run(q, k, v, mask, False, None, 0.0), ref)
+    monkeypatch.undo()
+
+    # not packed (each needs every query row as it is): causal, two query tokens, a per-head mask
+    assert not backend._packs_gqa(_cuda_decode_call(q, k, mask, is_causal=True))
+    q2 = torch.randn(3, 8, 2, 16)
+    assert not backend._packs_gqa(_cuda_decode_call(q2, k, mask))
+    per_head = torch.ones(3, 8, 1, 37, dtype=torch.bool)
+    per_head[:, 3, :, :9] = False
+    call = _cuda_decode_call(q, k, per_head)
+    assert not backend._packs_gqa(call)
+    torch.testing.assert_close(
+        backend.build(call)(q, k, v, per_head, False, None, 0.0),
+        F.scaled_dot_product_attention(q, k.repeat_interleave(4, 1), v.repeat_interleave(4, 1), attn_mask=per_head))

@@ -15,6 +15,7 @@ the log-sum-exp, which the router uses for ``return_lse`` and attention sinks.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from typing import List, Optional
 
@@ -222,7 +223,23 @@ class SdpaFamily(Backend):
             reasons += torch_kernel_reasons(call, self.KERNEL, self._expand_gqa(call))
         return reasons
 
+    def _packs_gqa(self, call: Call) -> bool:
+        """Whether a GQA call this kernel would serve by repeating the k/v heads is a decoding step that
+        can fold each k/v head's query heads into the query length instead: q (b, h_q, 1, d) runs as
+        (b, h_kv, h_q / h_kv, d) against the k/v heads as they are, so no copy of the key/value cache is
+        made per call (what transformers' SDPA path does for masked decoding). Exact when there is one
+        query token, no causal or window limit, and a mask the same for every query head."""
+        if not (call.seq_q == 1 and self._expand_gqa(call) and not call.symbolic_lengths):
+            return False
+        if call.is_causal or call.window is not None or call.return_lse or call.sinks:
+            return False
+        shape = call.mask_shape
+        return shape is None or (len(shape) == 4 and shape[1] == 1 and shape[2] == 1)
+
     def build(self, call: Call):
+        if self._packs_gqa(call):
+            return _packed_gqa_runner(self.build(dataclasses.replace(
+                call, heads_q=call.heads_kv, seq_q=call.heads_q // call.heads_kv)), call)
         expand = self._expand_gqa(call)
         rep = call.heads_q // call.heads_kv
         positional = call.banded or (call.is_causal and call.mask_kind != "none")
@@ -312,3 +329,16 @@ class SdpaFamily(Backend):
             return run
 
         raise NotImplementedError(f"{self.NAME}: no runner for kernel {kernel} on {call.device_type}")
+
+
+def _packed_gqa_runner(inner, call: Call):
+    """``inner`` (built for q (b, h_kv, h_q / h_kv, d), no GQA) serving a one-token GQA call: query
+    head j = g * rep + r (the heads of k/v head g, as ``repeat_interleave`` pairs them) becomes query row
+    r of head g; the output goes back to (b, h_q, 1, d_v)."""
+    hkv, rep = call.heads_kv, call.heads_q // call.heads_kv
+
+    def run(q, k, v, m, c, s, p):
+        b = q.shape[0]
+        out = inner(q.reshape(b, hkv, rep, q.shape[-1]), k, v, m, c, s, p)
+        return out.reshape(b, hkv * rep, 1, out.shape[-1])
+    return run
