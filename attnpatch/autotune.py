@@ -19,7 +19,9 @@ replace the file atomically, so two processes writing at once keep both entries.
 
 Before timing, a decision shipped for a measured card (`attnpatch.shipped_tables`: sm90, where torch's
 own dispatch is within a few percent of the fastest exact kernel) answers the calls it covers, so a
-fresh process on an H100/H200 times nothing for them; an entry of this machine's cache still wins.
+fresh process on an H100/H200 times nothing for them; an entry of this machine's cache still wins,
+except over a rule marked ``over_measurement`` (decoding steps: timing one key length cannot see that
+cuDNN builds a graph for every new one).
 
 ``ATTNPATCH_AUTOTUNE=0`` turns measuring off (the static ``AUTO_PRIORITY`` table decides). Timing
 runs only on CUDA; other devices keep the static table. Tests inject a timer with `override_timer`.
@@ -598,6 +600,10 @@ def _choose(call: Call, eligible: List) -> Optional[Tuple[object, str]]:
     mkey, machine = _machine(call)
     skey = signature_key(call)
     with _LOCK:
+        # a shipped rule for a cost that timing cannot see (decoding's per-length cuDNN graphs) wins first
+        shipped = shipped_tables.choice(call, eligible, over_measurement=True)
+        if shipped is not None:
+            return shipped
         store = _store()
         entry = store.get(mkey, skey)
         if _usable(entry, candidates, versions):

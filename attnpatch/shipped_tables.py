@@ -35,7 +35,9 @@ class ShippedRule:
     ``torch_versions`` (what torch's own dispatch does changes between releases), for the calls of kind
     ``calls`` (a key of `CALL_KINDS`), when every eligible backend is in ``covers``, auto takes
     ``prefer`` without timing. Rules are tried in order; one whose ``prefer`` is not eligible for the
-    call passes to the next. ``evidence`` says where the measurement is."""
+    call passes to the next. ``evidence`` says where the measurement is. ``over_measurement``: the rule
+    also wins over this machine's own autotune entry, for costs that timing one shape cannot see (a
+    cost paid once per new shape, as decoding meets a new key length at every step)."""
 
     device_class: str
     torch_versions: Tuple[str, ...]
@@ -43,6 +45,7 @@ class ShippedRule:
     covers: FrozenSet[str]
     evidence: str
     calls: str = "any"
+    over_measurement: bool = False
 
 
 RULES: Tuple[ShippedRule, ...] = (
@@ -52,7 +55,7 @@ RULES: Tuple[ShippedRule, ...] = (
         "(64-77 ms per call at 40k keys, 1.9 ms per layer per token in a 0.5B model) where flash takes "
         "0.5 ms; generate's first run in a fresh process 1.67 s vs 6.45 s (Qwen2.5-0.5B config) and 2.27 s "
         "vs 7.82 s (Llama-3-8B config), steady state 1.04x / 0.89x stock (H200, docs/GENERATE.md, "
-        "2026-11-30)", calls="decode"),
+        "2026-11-30)", calls="decode", over_measurement=True),
     ShippedRule(
         "cuda_sm90", ("2.11",), "sdpa", _TORCH_EXACT,
         "sm90: torch's own dispatch (what stock runs) was within 2.4% of the fastest exact kernel on all 16 "
@@ -77,15 +80,16 @@ def has_rule(call: Call) -> bool:
     return key is not None and any(r.device_class == key and _TORCH in r.torch_versions for r in RULES)
 
 
-def choice(call: Call, eligible: Sequence) -> Optional[Tuple[object, str]]:
-    """(backend, how it was chosen) from a shipped rule, or None when no rule covers the call."""
+def choice(call: Call, eligible: Sequence, over_measurement: bool = False) -> Optional[Tuple[object, str]]:
+    """(backend, how it was chosen) from a shipped rule, or None when no rule covers the call; with
+    ``over_measurement``, only from the rules that win over a machine's own measurement."""
     key = device_class(call)
     if key is None:
         return None
     names = {b.NAME for b in eligible}
     for rule in RULES:
         if (rule.device_class == key and _TORCH in rule.torch_versions and names <= rule.covers
-                and CALL_KINDS[rule.calls](call)):
+                and CALL_KINDS[rule.calls](call) and (rule.over_measurement or not over_measurement)):
             for b in eligible:
                 if b.NAME == rule.prefer:
                     kind = "" if rule.calls == "any" else f", {rule.calls}"

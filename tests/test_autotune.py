@@ -598,6 +598,30 @@ def test_a_decoding_step_takes_flash_from_the_shipped_table(monkeypatch, measure
     assert set(shipped_tables.CALL_KINDS) >= {r.calls for r in shipped_tables.RULES}
 
 
+def test_the_decode_rule_wins_over_an_earlier_measurement_of_a_decoding_step(monkeypatch, measured_torch):
+    """A machine's entry timed at one key length says cuDNN (torch's dispatch) is fastest per call; it
+    cannot see the graph cuDNN builds for every new length, so the decode rule still takes flash. The
+    general rule keeps losing to a measurement."""
+    import dataclasses
+
+    monkeypatch.setattr(autotune, "machine_info", lambda call: {"device": "cuda", "gpu": "Fake H200", "torch": "x"})
+    cands = eligible_for(cpu_call())
+    times = {"sdpa": 1.0, "sdpa_flash": 3.0, "sdpa_math": 5.0, "eager": 9.0}
+    versions = {b.NAME: autotune._versions([b])[b.NAME] for b in cands}
+    decode = dataclasses.replace(_cuda_call((9, 0)), seq_q=1)
+    prefill = dataclasses.replace(_cuda_call((9, 0)), seq_q=64)
+    _write(_file_with(_entry(times, versions=versions), decode))
+    autotune.reset_memory()
+    with autotune.override_timer(FakeTimer({}), devices=("cuda",)):
+        backend, how = autotune.choose(decode, cands)
+        assert backend.NAME == "sdpa_flash" and "decode" in how
+    _write(_file_with(_entry({"sdpa": 3.0, "sdpa_flash": 1.0, "sdpa_math": 5.0, "eager": 9.0},
+                             versions=versions), prefill))
+    autotune.reset_memory()
+    with autotune.override_timer(FakeTimer({}), devices=("cuda",)):
+        assert autotune.choose(prefill, cands)[0].NAME == "sdpa_flash"  # the machine's entry, not the rule
+
+
 def test_the_shipped_rules_prefer_an_exact_kernel_they_cover():
     from attnpatch import registry, shipped_tables
 
