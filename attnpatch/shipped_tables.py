@@ -52,10 +52,10 @@ RULES: Tuple[ShippedRule, ...] = (
     ShippedRule(
         "cuda_sm90", ("2.11",), "sdpa_flash", _TORCH_EXACT,
         "sm90 decoding: torch's dispatch runs cuDNN, which builds a graph for every new key length "
-        "(64-77 ms per call at 40k keys, 1.9 ms per layer per token in a 0.5B model) where flash takes "
-        "0.5 ms; generate's first run in a fresh process 1.67 s vs 6.45 s (Qwen2.5-0.5B config) and 2.27 s "
-        "vs 7.82 s (Llama-3-8B config), steady state 1.04x / 0.89x stock (H200, docs/GENERATE.md, "
-        "2026-11-30)", calls="decode", over_measurement=True),
+        "(77-84 ms per call near 40k keys, 1.9 ms per layer per token in a 0.5B model) where flash takes "
+        "0.5 ms; generate's first run in a fresh process 1.74 s vs stock's 6.30 s (Qwen2.5-0.5B config) and "
+        "2.31 s vs 8.14 s (Llama-3-8B config); steady state, interleaved, 1.10x / 1.04x stock's time (H200, "
+        "docs/GENERATE.md, 2026-11-30)", calls="decode", over_measurement=True),
     ShippedRule(
         "cuda_sm90", ("2.11",), "sdpa", _TORCH_EXACT,
         "sm90: torch's own dispatch (what stock runs) was within 2.4% of the fastest exact kernel on all 16 "

@@ -12,10 +12,10 @@
 # * sage2: SageAttention 2.2.0 (CUDA + Triton kernels), for sm90 only (TORCH_CUDA_ARCH_LIST=9.0): ~3.5 min
 #   with 16 cores. Its setup.py reads README.md, which the tarball keeps.
 # * fa3: FlashAttention 3 (flash-attention's hopper/), shrunk with its FLASH_ATTENTION_DISABLE_* switches
-#   to what attnpatch's matrix needs first: forward only, bf16, head dims 64 and 128, varlen and local
-#   (sliding window / causal translation) kept; no split-KV, paged KV, append-KV, softcap, packed GQA,
-#   fp16, fp8, clusters, other head dims or sm80 kernels. Widen by unsetting switches (each adds
-#   translation units of several minutes each).
+#   to what attnpatch's matrix needs first: forward only, bf16 and fp16, head dims 64 and 128, varlen and
+#   local (sliding window / causal translation) kept; no split-KV, paged KV, append-KV, softcap, packed
+#   GQA, fp8, clusters, other head dims or sm80 kernels (FA3_DISABLE="..." replaces that list). Widen by
+#   unsetting switches (each adds translation units of several minutes each). Not yet built with fp16.
 # * fa4: the flash-attn-4 wheel and its CUTLASS DSL stack, from wheels in DIR/fa4-wheels (the 92 MB
 #   CUDA-13 DSL library joined from part.* files, see ../shared/gpu/wheels.sh); its .pth file is not
 #   read from PYTHONPATH, so DIR/fa4/site gets a sitecustomize.py that calls site.addsitedir.
@@ -45,8 +45,10 @@ fa3() {
   tar xzf "$DIR"/cutlass-*-include.tar.gz -C "$DIR/fa3/src/csrc/cutlass" --strip-components=1
   [ -d "$DIR/fa3/src/csrc/cutlass/include" ] || { echo "cutlass include/ not found after unpacking"; return 1; }
   local off
-  for off in BACKWARD SPLIT PAGEDKV APPENDKV SOFTCAP PACKGQA FP16 FP8 CLUSTER HDIM96 HDIM192 HDIM256 SM80 \
-             HDIMDIFF64 HDIMDIFF192; do
+  # FP16 stays on: the build without fp16 kernels segfaulted on an fp16 call instead of raising (H200,
+  # docs/GPU_BACKENDS.md), and the matrix has fp16 cases. FA3_DISABLE replaces the list.
+  for off in ${FA3_DISABLE:-BACKWARD SPLIT PAGEDKV APPENDKV SOFTCAP PACKGQA FP8 CLUSTER HDIM96 HDIM192 HDIM256 SM80 \
+             HDIMDIFF64 HDIMDIFF192}; do
     export "FLASH_ATTENTION_DISABLE_$off=TRUE"
   done
   cd "$DIR/fa3/src/hopper" && FLASH_ATTENTION_FORCE_BUILD=TRUE MAX_JOBS="$JOBS" NVCC_THREADS=4 \
