@@ -149,7 +149,7 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     # then causal only for a prefill without an explicit mask.
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     is_causal = q_len > 1 and attention_mask is None and is_causal
-    if torch.jit.is_tracing() and isinstance(is_causal, torch.Tensor):
+    if isinstance(is_causal, torch.Tensor) and torch.jit.is_tracing():  # the cheap test first: a hot path
         is_causal = bool(is_causal.item())
     if is_causal and key.shape[2] > q_len:  # empty static cache at prefill: top-left causal drops the rest
         key = key[:, :, :q_len, :]
