@@ -77,12 +77,17 @@ def timed_generate(model, ids, new_tokens, device, repeats, **kw):
             "ms_per_token": statistics.median(times[1:]) / new_tokens * 1e3}, outs[-1]
 
 
-def interleaved(model, ids, new_tokens, device, backends, rounds):
+def interleaved(model, ids, new_tokens, device, backends, rounds, vary_prompt=False):
     """Steady state without drift: after one warm-up generate per setting, ``rounds`` rounds that each
-    run stock and every patched setting once, in turn. {label: {"min_s", "median_s", "ms_per_token"}}."""
+    run stock and every patched setting once, in turn. With ``vary_prompt`` each round's prompt is one
+    token longer than the last (every setting of a round gets the same one), so no round replays the
+    previous round's key lengths and allocations. {label: {"min_s", "median_s", "ms_per_token"}}."""
     settings = ["stock"] + list(backends)
     times = {s: [] for s in settings}
+    base = ids
     for r in range(rounds + 1):
+        if vary_prompt:
+            ids = torch.cat([base, base[:, :r]], dim=1)
         for s in settings:
             patch = attnpatch.apply(model, backend=s) if s != "stock" else None
             try:
@@ -124,6 +129,8 @@ def main(argv=None) -> int:
     p.add_argument("--interleaved", type=int, default=0, metavar="ROUNDS",
                    help="instead: steady state, stock and each --patched setting in turn for ROUNDS rounds, "
                    "one process; writes generate_interleaved.json/.md")
+    p.add_argument("--vary-prompt", action="store_true", help="with --interleaved: each round's prompt one "
+                   "token longer than the last (no round replays another's lengths)")
     p.add_argument("--row", default=None, help=argparse.SUPPRESS)  # one row only (used by --fresh-processes)
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
@@ -243,12 +250,13 @@ def _interleaved_main(args, device, dtype) -> int:
     lines = [f"# generate, steady state, interleaved ({res['device']}, torch {res['torch']}, transformers "
              f"{res['transformers']}, {res['date']})", "",
              f"Greedy, batch 1, 32-token prompt, {args.new_tokens} new tokens; one warm-up round, then "
-             f"{args.interleaved} rounds each running every setting once, in turn, in one process.", "",
+             f"{args.interleaved} rounds each running every setting once, in turn, in one process"
+             + ("; each round's prompt one token longer than the last." if args.vary_prompt else "."), "",
              "| model | run | min (s) | median (s) | ms/token | median vs stock |", "|---|---|---:|---:|---:|---:|"]
     for name in args.models.split(","):
         model = build(name, device, dtype)
         ids = torch.randint(100, 1000, (1, 32), generator=torch.Generator().manual_seed(0)).to(device)
-        rows = interleaved(model, ids, args.new_tokens, device, backends, args.interleaved)
+        rows = interleaved(model, ids, args.new_tokens, device, backends, args.interleaved, args.vary_prompt)
         res["models"][name] = rows
         base = rows["dynamic cache / stock"]["median_s"]
         for label, r in rows.items():
