@@ -592,6 +592,8 @@ def route(site: Optional[Scope], query, key, value, layout="bnsd", attn_mask=Non
         if plan is None:
             plan = _miss(cache_key, bkey, query, key, value, layout, attn_mask, is_causal, scale, dropout_p, grad,
                          backend, features or NO_FEATURES, sinks)
+        elif len(_PLANS) < MAX_PLANS:  # the other layers of this decoding step find it by its exact key
+            _PLANS[cache_key] = plan
     plan.calls += 1
     if sinks is None:
         return plan.run(query, key, value, attn_mask, is_causal, scale, dropout_p)

@@ -10,9 +10,12 @@ For a Qwen2.5-0.5B-like head layout (14 query / 2 key-value heads, d=64) and a L
 * **new lengths**: 64 calls, each at a key length not seen before in the process, each synchronised:
   what the first token at each length pays (torch builds a cuDNN graph per new shape).
 
-Rows: stock ``F.scaled_dot_product_attention(..., enable_gqa=True)`` (transformers' call) and
-``attnpatch.attention_forward`` with backend ``sdpa`` (torch's dispatch), ``sdpa_flash`` and ``auto``.
-Writes DIR/decode_kernels.json and .md.
+Rows: stock ``F.scaled_dot_product_attention(..., enable_gqa=True)`` (transformers' call);
+``attnpatch.attention_forward`` with backend ``sdpa`` (torch's dispatch), ``sdpa_flash``,
+``sdpa_efficient`` and ``auto``; and torch's kernels called directly as aten operators, without
+attnpatch (what each costs by itself): flash with its native GQA, and flash / memory-efficient with the
+query heads of each key/value head folded into the query length (q (1, h_kv, h_q / h_kv, d), no GQA).
+``--rows`` picks rows by name (comma-separated substrings). Writes DIR/decode_kernels.json and .md.
 """
 
 from __future__ import annotations
@@ -43,6 +46,24 @@ def _routed(backend):
     def run(q, k, v):
         return attnpatch.attention_forward(q, k, v, backend=backend)
     return run
+
+
+def _aten_flash(q, k, v):
+    return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False)[0]
+
+
+def _folded(op):
+    """``op`` on the query heads folded into the query length: exact for one query token."""
+    def run(q, k, v):
+        b, hq, _, d = q.shape
+        hkv = k.shape[1]
+        out = op(q.reshape(b, hkv, hq // hkv, d), k, v)
+        return out.reshape(b, hq, 1, out.shape[-1])
+    return run
+
+
+def _aten_efficient(q, k, v):
+    return torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, False)[0]
 
 
 def _tensors(hq, hkv, d, length, device, dtype):
@@ -79,12 +100,17 @@ def new_lengths_us(fn, hq, hkv, d, start, device, dtype, calls=64):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True)
+    p.add_argument("--rows", default="", help="only the rows whose name contains one of these (comma-separated)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("decode_kernels.py needs a CUDA device")
     device, dtype = torch.device("cuda"), torch.bfloat16
     rows = {"stock F.sdpa(enable_gqa=True)": _stock, "attnpatch sdpa": _routed("sdpa"),
-            "attnpatch sdpa_flash": _routed("sdpa_flash"), "attnpatch auto": _routed("auto")}
+            "attnpatch sdpa_flash": _routed("sdpa_flash"), "attnpatch sdpa_efficient": _routed("sdpa_efficient"),
+            "attnpatch auto": _routed("auto"), "aten flash, native GQA": _aten_flash,
+            "aten flash, heads folded": _folded(_aten_flash), "aten efficient, heads folded": _folded(_aten_efficient)}
+    if args.rows:
+        rows = {n: f for n, f in rows.items() if any(w in n for w in args.rows.split(","))}
     res = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "device": torch.cuda.get_device_name(), "torch": torch.__version__,
            "cudnn": torch.backends.cudnn.version(), "results": {}}

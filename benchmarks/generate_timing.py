@@ -77,24 +77,42 @@ def timed_generate(model, ids, new_tokens, device, repeats, **kw):
             "ms_per_token": statistics.median(times[1:]) / new_tokens * 1e3}, outs[-1]
 
 
-def interleaved(model, ids, new_tokens, device, backends, rounds, vary_prompt=False):
+def padded_prompts(ids, batch):
+    """``batch`` prompts from ``ids`` (1, n), prompt i left-padded over its first 4·i tokens (token 0,
+    mask 0): a batch of prompts of different lengths, as a server or an eval loop batches them.
+    (ids, attention_mask)."""
+    n = ids.shape[1]
+    ids = ids.repeat(batch, 1)
+    mask = torch.ones_like(ids)
+    for i in range(batch):
+        pad = min(4 * i, n - 1)
+        ids[i, :pad] = 0
+        mask[i, :pad] = 0
+    return ids, mask
+
+
+def interleaved(model, ids, new_tokens, device, backends, rounds, vary_prompt=False, mask=None):
     """Steady state without drift: after one warm-up generate per setting, ``rounds`` rounds that each
     run stock and every patched setting once, in turn. With ``vary_prompt`` each round's prompt is one
     token longer than the last (every setting of a round gets the same one), so no round replays the
-    previous round's key lengths and allocations. {label: {"min_s", "median_s", "ms_per_token"}}."""
+    previous round's key lengths and allocations. ``mask``: the prompts' attention mask (padded batch).
+    {label: {"min_s", "median_s", "ms_per_token"}}."""
     settings = ["stock"] + list(backends)
     times = {s: [] for s in settings}
-    base = ids
+    base, base_mask = ids, mask
     for r in range(rounds + 1):
         if vary_prompt:
-            ids = torch.cat([base, base[:, :r]], dim=1)
+            ids = torch.cat([base, base[:, -r:] if r else base[:, :0]], dim=1)
+            if base_mask is not None:
+                mask = torch.cat([base_mask, torch.ones_like(base_mask[:, :r])], dim=1)
+        kw = {} if mask is None else {"attention_mask": mask, "pad_token_id": 0}
         for s in settings:
             patch = attnpatch.apply(model, backend=s) if s != "stock" else None
             try:
                 sync(device)
                 t0 = time.perf_counter()
                 with torch.no_grad():
-                    model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+                    model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, **kw)
                 sync(device)
                 if r:
                     times[s].append(time.perf_counter() - t0)
@@ -131,6 +149,8 @@ def main(argv=None) -> int:
                    "one process; writes generate_interleaved.json/.md")
     p.add_argument("--vary-prompt", action="store_true", help="with --interleaved: each round's prompt one "
                    "token longer than the last (no round replays another's lengths)")
+    p.add_argument("--padded-batch", type=int, default=0, metavar="B",
+                   help="with --interleaved: B prompts, prompt i left-padded by 4·i tokens (masked decoding)")
     p.add_argument("--row", default=None, help=argparse.SUPPRESS)  # one row only (used by --fresh-processes)
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
@@ -249,14 +269,20 @@ def _interleaved_main(args, device, dtype) -> int:
     backends = [b for b in args.patched.split(",") if b]
     lines = [f"# generate, steady state, interleaved ({res['device']}, torch {res['torch']}, transformers "
              f"{res['transformers']}, {res['date']})", "",
-             f"Greedy, batch 1, 32-token prompt, {args.new_tokens} new tokens; one warm-up round, then "
+             f"Greedy, batch {args.padded_batch or 1}, 32-token prompt, {args.new_tokens} new tokens; one warm-up round, then "
              f"{args.interleaved} rounds each running every setting once, in turn, in one process"
-             + ("; each round's prompt one token longer than the last." if args.vary_prompt else "."), "",
+             + ("; each round's prompt one token longer than the last" if args.vary_prompt else "")
+             + (f"; batch {args.padded_batch}, prompt i left-padded by 4·i tokens (masked decoding)" if args.padded_batch
+                else "") + ".", "",
              "| model | run | min (s) | median (s) | ms/token | median vs stock |", "|---|---|---:|---:|---:|---:|"]
     for name in args.models.split(","):
         model = build(name, device, dtype)
         ids = torch.randint(100, 1000, (1, 32), generator=torch.Generator().manual_seed(0)).to(device)
-        rows = interleaved(model, ids, args.new_tokens, device, backends, args.interleaved, args.vary_prompt)
+        mask = None
+        if args.padded_batch:
+            ids, mask = padded_prompts(ids, args.padded_batch)
+            mask = mask.to(device)
+        rows = interleaved(model, ids, args.new_tokens, device, backends, args.interleaved, args.vary_prompt, mask)
         res["models"][name] = rows
         base = rows["dynamic cache / stock"]["median_s"]
         for label, r in rows.items():

@@ -151,3 +151,21 @@ def test_decode_steps_share_one_plan_per_bucket():
         kv = torch.randn(1, 8, n, 64, device="cuda", dtype=torch.bfloat16)
         attnpatch.attention_forward(q, kv, kv)
     assert router.DECISIONS_MADE[0] - before == 1
+
+
+@pytest.mark.parametrize("name", ["sdpa", "sdpa_cudnn", "sdpa_efficient", "sdpa_math"])
+def test_masked_gqa_decoding_folds_query_heads(name):
+    """A padded batch's decoding step (one query token, GQA, a key-padding mask): the runners fold each
+    key/value head's query heads into the query length instead of repeating the cache; the result is
+    torch's own on the repeated heads."""
+    q, k, v = _qkv(b=3, hq=14, hkv=2, sq=1, skv=257)
+    keep = torch.ones(3, 1, 1, 257, dtype=torch.bool, device="cuda")
+    keep[1, ..., :40] = False
+    keep[2, ..., :90] = False
+    ref = F.scaled_dot_product_attention(q.float(), k.float().repeat_interleave(7, 1),
+                                         v.float().repeat_interleave(7, 1), attn_mask=keep)
+    e = attnpatch.explain(q, k, v, attn_mask=keep, backend=name)
+    if e.backend != name:
+        pytest.skip(f"{name} refuses this call here: {e}")
+    out = attnpatch.attention_forward(q, k, v, attn_mask=keep, backend=name)
+    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)

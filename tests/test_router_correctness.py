@@ -336,3 +336,25 @@ def test_a_length_bucket_plan_never_serves_values_of_another_length():
                                F.scaled_dot_product_attention(q, k[:, :, :299], k[:, :, :299], enable_gqa=True))
     with pytest.raises(ValueError, match="30[01]"):  # attnpatch.call.AttentionInputError
         attnpatch.attention_forward(q, torch.randn(1, 2, 301, 64), torch.randn(1, 2, 300, 64))
+
+
+def test_a_bucket_hit_is_kept_under_its_exact_key_and_the_plan_cache_stays_bounded(monkeypatch):
+    """A decoding step's first layer finds its length bucket's plan; the step's other layers then find
+    it by the exact key (one lookup). The plan cache never grows past MAX_PLANS for it, and no decision
+    is made after the bucket's first call."""
+    from attnpatch import router
+
+    router.clear_cache()
+    monkeypatch.setattr(router, "MAX_PLANS", 8)
+    q = torch.randn(1, 8, 1, 64)
+    before = router.DECISIONS_MADE[0]
+    for n in range(260, 300):  # one bucket, [256, 320)
+        kv = torch.randn(1, 2, n, 64)
+        for _layer in range(3):
+            torch.testing.assert_close(attnpatch.attention_forward(q, kv, kv),
+                                       F.scaled_dot_product_attention(q, kv, kv, enable_gqa=True))
+        assert len(router._PLANS) == min(n - 259, 8)  # one exact key per length, up to the bound
+    assert router.DECISIONS_MADE[0] - before == 1
+    assert len(router._BUCKETS) == 1
+    plans = {id(p) for p in router._PLANS.values()}
+    assert plans == {id(p) for p in router._BUCKETS.values()}

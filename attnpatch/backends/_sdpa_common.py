@@ -296,10 +296,17 @@ class SdpaFamily(Backend):
                 return (out, l) if lse else out
             return run
 
+        plain = not expand and pmask is None and not bool_as_additive and not lse
+
         if kernel == "FLASH_ATTENTION":  # CUDA: no mask; head dim padded to a multiple of 8
             pad = (-call.head_dim) % 8
             pad_v = (-dv) % 8
             default_scale = call.head_dim ** -0.5
+
+            if plain and not pad and not pad_v:
+                def run(q, k, v, m, c, s, p):  # the fast common case (decoding steps): one operator call
+                    return op(q, k, v, p, c, False, scale=default_scale if s is None else s)[0]
+                return run
 
             def run(q, k, v, m, c, s, p):
                 k, v, m, c = prepare(q, k, v, m, c)
@@ -313,6 +320,11 @@ class SdpaFamily(Backend):
             return run
 
         if kernel == "CUDNN_ATTENTION":
+            if plain:
+                def run(q, k, v, m, c, s, p):  # the fast common case: one operator call
+                    return op(q, k, v, m, want_lse, p, c, False, scale=s)[0]
+                return run
+
             def run(q, k, v, m, c, s, p):
                 k, v, m, c = prepare(q, k, v, m, c)
                 res = op(q, k, v, m, want_lse, p, c, False, scale=s)
