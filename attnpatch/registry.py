@@ -97,7 +97,9 @@ class Backend:
       sinks without gradients), ``LSE_WITH_MASKS`` (its LSE is -inf for fully masked rows, so it may
       be asked for with a mask or window).
     * ``NEEDS_UNIT_LAST_DIM_STRIDE`` — q/k/v must have stride 1 in their last dimension (most fused
-      kernels); the router checks it per call for these backends and falls back otherwise.
+      kernels); the router checks it per call for these backends and falls back otherwise. Where the
+      kernel itself raises on a strided input (`kernel_checks_unit_stride`), the router checks the
+      strides only when the kernel raised (no per-call check on the hot path).
     * ``NEEDS_LENGTH_RELATION`` — the reasons depend on whether seq_q is <, == or > seq_kv beyond
       ``SUPPORTS_CROSS`` (compiled calls then guard on that relation).
     * ``RUNNER_FIXED_LENGTHS`` — the runner built for one call bakes in its sequence lengths (e.g. a
@@ -302,6 +304,12 @@ class Backend:
         """Whether this backend's kernel for ``call`` needs q/k/v with stride 1 in the last dim (the
         router then checks each call's strides). Default: ``NEEDS_UNIT_LAST_DIM_STRIDE``."""
         return self.NEEDS_UNIT_LAST_DIM_STRIDE
+
+    def kernel_checks_unit_stride(self, call: Call) -> bool:
+        """Whether the kernel ``needs_unit_stride`` for ``call`` refuses a strided last dim itself, with
+        an exception, before it runs: then the router catches that instead of checking every call's
+        strides. Default: False (the router checks)."""
+        return False
 
     def supports(self, call: Call) -> bool:
         return not self.not_supported_reasons(call)

@@ -322,6 +322,19 @@ def _stride_guarded(inner, on_strided):
     return run
 
 
+def _stride_checked_by_kernel(inner, on_strided):
+    """As `_stride_guarded`, for kernels that raise on a strided last dim themselves: no check on the
+    way in; when ``inner`` raises and a stride is not 1, ``on_strided()``'s plan serves the call."""
+    def run(q, k, v, *rest):
+        try:
+            return inner(q, k, v, *rest)
+        except RuntimeError:
+            if q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1:
+                raise
+        return on_strided()(q, k, v, *rest)
+    return run
+
+
 def _build_call_for(backend: registry.Backend, call: Call) -> Call:
     """The Call the backend builds its runner from: asks for the log-sum-exp when the router needs it
     to add attention sinks."""
@@ -493,7 +506,8 @@ def _new_plan(query, key, value, layout, attn_mask, is_causal, scale, dropout_p,
             plan.calls -= 1
             strided[0].calls += 1
             return strided[0].run
-        plan.run = _stride_guarded(runner, on_strided)
+        plan.run = (_stride_checked_by_kernel if b.kernel_checks_unit_stride(call) else _stride_guarded)(
+            runner, on_strided)
     if logger.isEnabledFor(logging.DEBUG):
         logger.debug("attnpatch: %s -> %s (%s)", call.describe(), b.NAME, decision.source)
     return plan

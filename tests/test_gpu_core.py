@@ -134,14 +134,29 @@ def test_sinks_by_lse_rescaling_on_cuda():
     torch.testing.assert_close(out.double(), ref, atol=2e-2, rtol=2e-2)
 
 
-def test_strided_input_falls_back_from_a_unit_stride_kernel():
+@pytest.mark.parametrize("name", ["sdpa_cudnn", "sdpa_flash", "sdpa_efficient"])
+def test_strided_input_falls_back_from_a_unit_stride_kernel(name):
+    """cuDNN's calls are checked before the kernel; flash and memory-efficient raise on a strided last
+    dim themselves (`kernel_checks_unit_stride`), and the router falls back when they do."""
     full = torch.randn(1, 4, 256, 128, device="cuda", dtype=torch.bfloat16)
     dense, strided = full[..., :64].contiguous(), full[..., ::2]
-    attnpatch.attention_forward(dense, dense, dense, backend="sdpa_cudnn")
-    out = attnpatch.attention_forward(strided, strided, strided, backend="sdpa_cudnn")
+    attnpatch.attention_forward(dense, dense, dense, backend=name)
+    out = attnpatch.attention_forward(strided, strided, strided, backend=name)
     torch.testing.assert_close(out, F.scaled_dot_product_attention(strided, strided, strided), atol=2e-2, rtol=2e-2)
     stats = attnpatch.stats()
-    assert stats.calls.get("sdpa_cudnn") == 1 and sum(stats.calls.values()) == 2
+    assert stats.calls.get(name) == 1 and sum(stats.calls.values()) == 2
+    assert any(a == name and "strided" in why for (a, _b, why) in stats.fallbacks)
+
+
+@pytest.mark.parametrize("name", ["sdpa_flash", "sdpa_efficient"])
+def test_torchs_flash_and_efficient_operators_raise_on_a_strided_last_dim(name):
+    """What `kernel_checks_unit_stride` relies on: the aten operator refuses, it does not compute."""
+    from attnpatch.backends._sdpa_common import _OPS, aten_op
+    op = aten_op(_OPS[(KERNELS[name], "cuda")], False)
+    strided = torch.randn(1, 4, 256, 128, device="cuda", dtype=torch.bfloat16)[..., ::2]
+    args = (0.0, False, False) if name == "sdpa_flash" else (None, False)
+    with pytest.raises(RuntimeError):
+        op(strided, strided, strided, *args)
 
 
 def test_decode_steps_share_one_plan_per_bucket():

@@ -155,6 +155,50 @@ def test_a_kernel_that_needs_unit_stride_declares_it_and_strided_calls_fall_back
             attnpatch.attention_forward(strided, strided, strided)
 
 
+class _RaisesOnStrides(SdpaBackend):
+    """A CPU kernel that refuses a strided last dim itself, with an error, like torch's CUDA flash and
+    memory-efficient operators: the router checks strides only when it raised."""
+
+    NAME = "raises_on_strides"
+    NEEDS_UNIT_LAST_DIM_STRIDE = True
+    runs = []
+
+    def kernel_checks_unit_stride(self, call):
+        return True
+
+    def build(self, call):
+        inner = super().build(call)
+
+        def run(q, k, v, *rest):
+            if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+                raise RuntimeError("Input tensor must have contiguous last dimension")
+            if q.shape[-1] == 24:
+                raise RuntimeError("an unrelated kernel error")
+            self.runs.append(tuple(q.shape))
+            return inner(q, k, v, *rest)
+        return run
+
+
+def test_a_kernel_that_refuses_strides_itself_falls_back_and_other_errors_propagate():
+    attnpatch.register_backend(_RaisesOnStrides)
+    _RaisesOnStrides.runs = []
+    try:
+        full = torch.randn(1, 2, 8, 64)
+        dense, strided = full[..., :32].contiguous(), full[..., ::2]
+        attnpatch.attention_forward(dense, dense, dense, backend="raises_on_strides")
+        out = attnpatch.attention_forward(strided, strided, strided, backend="raises_on_strides")
+        torch.testing.assert_close(out, F.scaled_dot_product_attention(strided, strided, strided))
+        assert len(_RaisesOnStrides.runs) == 1
+        stats = attnpatch.stats()
+        assert stats.calls["raises_on_strides"] == 1 and sum(stats.calls.values()) == 2
+        assert any(a == "raises_on_strides" and "strided" in why for (a, _b, why) in stats.fallbacks)
+        odd = torch.randn(1, 2, 8, 24)
+        with pytest.raises(RuntimeError, match="unrelated kernel error"):  # dense inputs: not a stride problem
+            attnpatch.attention_forward(odd, odd, odd, backend="raises_on_strides")
+    finally:
+        attnpatch.unregister_backend("raises_on_strides")
+
+
 def test_strided_input_inside_a_model_patched_with_a_unit_stride_kernel(unit_stride):
     class Strided(nn.Module):
         def forward(self, q):

@@ -213,6 +213,12 @@ class SdpaFamily(Backend):
         # torch's fused CUDA kernels need stride 1 in the last dim; CPU flash and math do not.
         return self.NEEDS_UNIT_LAST_DIM_STRIDE or (self.KERNEL in _CAN_USE and call.device_type == "cuda")
 
+    def kernel_checks_unit_stride(self, call: Call) -> bool:
+        # torch's CUDA flash (FA2's mha_fwd: "Input tensor must have contiguous last dimension") and
+        # memory-efficient (CHECK_NOSPARSE_LASTCONTIGUOUS_CUDA) operators raise on a strided last dim
+        # before launching; cuDNN's is not relied on (the router keeps checking its calls).
+        return call.device_type == "cuda" and self.KERNEL in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION")
+
     def extra_reasons(self, call: Call) -> List[str]:
         reasons = []
         if self.KERNEL is not None and self.op_name(call) is None:
