@@ -550,13 +550,20 @@ def _pick(order: Sequence, times: Dict[str, float]):
     return None  # pragma: no cover
 
 
+#: The backend that runs what the model would run without attnpatch (torch's own SDPA dispatch): always
+#: timed when eligible, even past MAX_TIMED, so auto never settles on something slower than doing nothing.
+STOCK_BACKEND = "sdpa"
+
+
 def _to_time(eligible: Sequence) -> List:
-    out = []
-    for b in eligible:
-        if getattr(b, "AUTOTUNE_TIMED", True):
-            out.append(b)
-        if len(out) >= MAX_TIMED:
-            break
+    """The candidates to time: the first MAX_TIMED timeable ones in static-table order, plus the stock
+    backend where it is eligible and not among them (on an H200 with FlashAttention 3 installed, the
+    four ahead of it lost to it at ViT's shape by 25%: 2026-11-30, docs/GPU_BACKENDS.md)."""
+    timeable = [b for b in eligible if getattr(b, "AUTOTUNE_TIMED", True)]
+    out = timeable[:MAX_TIMED]
+    stock = next((b for b in timeable[MAX_TIMED:] if b.NAME == STOCK_BACKEND), None)
+    if stock is not None:
+        out.append(stock)
     return out
 
 

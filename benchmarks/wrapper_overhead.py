@@ -6,7 +6,8 @@ At small shapes a kernel's GPU time is shorter than the host time of launching i
 times back-to-back calls measures the host path: the library's Python wrapper, attnpatch's custom op
 and router. Per shape and kernel: microseconds per call of 200 back-to-back calls (one sync at the
 end), called (a) directly through the library's own Python API and (b) through
-``attnpatch.attention_forward(..., backend=NAME)``, beside torch's ``F.scaled_dot_product_attention``.
+``attnpatch.attention_forward`` under ``use_backend(NAME, strict=True)`` (shapes the kernel refuses are
+left out), beside torch's ``F.scaled_dot_product_attention``.
 Only installed kernels are run. Writes DIR/wrapper_overhead.json and .md.
 """
 
@@ -88,8 +89,14 @@ def main(argv=None) -> int:
             direct = _direct(name)
             if name not in avail or direct is None:
                 continue
+            if attnpatch.explain(q, k, v, backend=name).backend != name:  # refused: another kernel would run
+                continue
+
+            def routed(q, k, v, name=name):
+                with attnpatch.use_backend(name, strict=True):
+                    return attnpatch.attention_forward(q, k, v)
             row[f"{name} direct"] = host_us(direct, q, k, v)
-            row[f"{name} attnpatch"] = host_us(lambda q, k, v: attnpatch.attention_forward(q, k, v, backend=name), q, k, v)
+            row[f"{name} attnpatch"] = host_us(routed, q, k, v)
         res["rows"][shape] = row
         print(shape, json.dumps({n: round(x, 1) for n, x in row.items()}), flush=True)
     os.makedirs(args.out, exist_ok=True)

@@ -114,6 +114,18 @@ def test_only_the_first_max_timed_candidates_are_timed(monkeypatch):
     assert sorted(n for n, _ in fake.asked) == ["sdpa", "sdpa_flash"]
 
 
+def test_the_stock_backend_is_timed_even_past_max_timed(monkeypatch):
+    """torch's own dispatch (what runs without attnpatch) is always a candidate: with more kernels
+    installed ahead of it in the static order, auto must still see it when it is the fastest."""
+    monkeypatch.setattr(autotune, "MAX_TIMED", 2)
+    monkeypatch.setattr(autotune, "STOCK_BACKEND", "sdpa_math")  # on the CPU, third in the static order
+    fake = FakeTimer({"sdpa": 2.0, "sdpa_flash": 1.0, "sdpa_math": 0.5, "eager": 0.1})
+    with autotune.override_timer(fake):
+        backend, _ = autotune.choose(cpu_call(), eligible_for(cpu_call()))
+    assert backend.NAME == "sdpa_math"
+    assert sorted(n for n, _ in fake.asked) == ["sdpa", "sdpa_flash", "sdpa_math"]
+
+
 def test_a_backend_declaring_autotune_timed_false_is_not_timed(monkeypatch):
     flash = attnpatch.registry.get_backend("sdpa_flash")
     monkeypatch.setattr(flash, "AUTOTUNE_TIMED", False, raising=False)
