@@ -77,6 +77,10 @@ MAX_INNER = 32
 #: where back to back it runs 0.393 against 0.432 (its Python wrapper costs ~80 µs per call).
 PREFILL_BELOW_MS = 2.0
 
+#: How `measure` times, stored in each entry: an entry timed another way (before the queued call of
+#: PREFILL_BELOW_MS: no "method") is measured again rather than trusted.
+TIMING_METHOD = 2
+
 #: Candidates within this fraction of the fastest count as tied; the static order breaks ties, so
 #: timing noise does not flip a choice between equal kernels.
 TIE_MARGIN = 0.01
@@ -582,7 +586,7 @@ def _to_time(eligible: Sequence) -> List:
 def _usable(entry: Optional[dict], candidates: Sequence, versions: Dict[str, str]) -> bool:
     """An entry answers for this call when it timed (or saw fail) every candidate, at the installed
     versions."""
-    if entry is None:
+    if entry is None or entry.get("method") != TIMING_METHOD:
         return False
     seen = set(entry["times_ms"]) | set(entry.get("failed", {}))
     for b in candidates:
@@ -656,7 +660,7 @@ def _choose(call: Call, eligible: List) -> Optional[Tuple[object, str]]:
             return None
         entry = {
             "backend": chosen.NAME, "times_ms": times, "failed": failed, "versions": versions,
-            "measured": _now(), "call": call.describe(), "spent_ms": round(spent, 3),
+            "measured": _now(), "call": call.describe(), "spent_ms": round(spent, 3), "method": TIMING_METHOD,
         }
         store.put(mkey, machine, skey, entry)
         store.loaded_from_disk.discard((mkey, skey))
