@@ -272,3 +272,45 @@ def test_masked_gqa_decoding_packs_query_heads_instead_of_repeating_the_cache(mo
     torch.testing.assert_close(
         backend.build(call)(q, k, v, per_head, False, None, 0.0),
         F.scaled_dot_product_attention(q, k.repeat_interleave(4, 1), v.repeat_interleave(4, 1), attn_mask=per_head))
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2", "mistral (sliding window)"])
+def test_static_cache_generate_eager_and_compiled_by_transformers(name):
+    """transformers' static cache (k/v of the cache's full length, a mask over the unfilled part) and
+    the compiled decoding forward generate compiles itself (CompileConfig; forced on the CPU, dynamo
+    with the eager backend, fullgraph): the same greedy tokens as stock, no graph break, and the
+    compiled sites report their trace-time decision."""
+    import torch._dynamo as dynamo
+
+    model = MODELS[name]("sdpa")
+    ids = torch.randint(3, 90, (1, 9), generator=torch.Generator().manual_seed(1))
+    config = transformers.CompileConfig(backend="eager", fullgraph=True, mode=None)
+    config._compile_all_devices = True
+
+    def generate(**kw):
+        with torch.no_grad():
+            return model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False,
+                                  cache_implementation="static", **kw)
+
+    def fresh_compile():
+        dynamo.reset()
+        dynamo.utils.counters.clear()
+        for attr in ("_compiled_call", "_last_compile_config"):
+            if attr in vars(model):
+                delattr(model, attr)
+
+    stock = generate()
+    fresh_compile()
+    stock_compiled = generate(compile_config=config)
+    assert "_compiled_call" in vars(model)
+    with attnpatch.patched(model) as patch:
+        assert torch.equal(generate(), stock)
+        fresh_compile()
+        patched_compiled = generate(compile_config=config)
+        assert "_compiled_call" in vars(model)
+        rows = patch.report().rows
+    assert not dynamo.utils.counters["graph_break"]
+    assert torch.equal(patched_compiled, stock_compiled)
+    assert torch.equal(patched_compiled, stock)
+    assert all(row.compiled for row in rows), [row.compiled for row in rows]
+    fresh_compile()
