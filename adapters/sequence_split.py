@@ -20,20 +20,15 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Any, Dict, List
+from typing import List
 
 import torch
 
 from attnpatch.parallel import ContextParallelError, Region
 from attnpatch.parallel_plan import ModuleHooks
-from attnpatch.patch import ORIGINAL_CLASS, UndoLog, is_site_class, original_class, site_class
+from attnpatch.patch import UndoLog, extended_class
 
 logger = logging.getLogger("attnpatch")
-
-#: attributes of a per-site class that `site_class` makes itself (not copied when a class is re-wrapped)
-_OWN = {"__slots__", "__module__", "__qualname__", "__doc__", ORIGINAL_CLASS, "__reduce_ex__", "__dict__",
-        "__weakref__"}
-
 
 def install(hooks: List[ModuleHooks], region: Region, undo: UndoLog) -> None:
     """Give every module in ``hooks`` its wrapped forward (recorded in ``undo``)."""
@@ -44,15 +39,8 @@ def install(hooks: List[ModuleHooks], region: Region, undo: UndoLog) -> None:
                 f"{h.path or '<root>'} ({type(m).__name__}): its forward is an instance attribute set by another "
                 f"library ({type(m.__dict__['forward']).__name__}, e.g. accelerate offloading hooks); context "
                 "parallelism cannot wrap it: remove that hook (e.g. no enable_model_cpu_offload) first")
-        cls = type(m)
-        wrapped = _wrap_forward(cls.forward, h, region)
-        if is_site_class(cls):  # already a per-site class of an adapter: keep its functions
-            ns: Dict[str, Any] = {k: v for k, v in vars(cls).items() if k not in _OWN}
-            ns["forward"] = wrapped
-            new = site_class(original_class(cls), ns)
-        else:
-            new = site_class(cls, {"forward": wrapped})
-        undo.set_class(m, new)
+        wrapped = _wrap_forward(type(m).forward, h, region)
+        undo.set_class(m, extended_class(type(m), {"forward": wrapped}))  # an adapter's functions are kept
 
 
 def _replace_arg(h: ModuleHooks, arg, args: list, kwargs: dict, fn) -> None:

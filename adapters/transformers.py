@@ -11,9 +11,14 @@ Mechanism (transformers >= 4.48, checked against 5.24):
 * For each patched model, the configs its attention modules read (``module.config``) and the configs
   of the ``PreTrainedModel`` (sub-)models that contain them (CLIP's text and vision towers, T5's two
   stacks, Whisper's encoder and decoder) get ``_attn_implementation = "attnpatch"``. The old value is
-  recorded in the patch's `UndoLog` and comes back on `remove()`. Nothing is written on modules.
+  recorded in the patch's `UndoLog` and comes back on `remove()`. Each routed attention module gets a
+  per-site class (`attnpatch.patch.site_class`: same name, pickles and copies as the original) whose one
+  addition is ``_attnpatch_site``, a weak reference to its `Site`; `remove()` gives the class back. The
+  call finds its site from the module it is given: under torch.compile the guards then reach the
+  module's weights through the model, as stock's do, not through the position of a key in a weak
+  dictionary, which shifts when another model's patch is removed (a recompilation).
 * The attention function receives ``(module, query, key, value, attention_mask, scaling=, dropout=,
-  **kwargs)`` in (b, h, s, d), finds the module's `Site` in `attnpatch.patch.SITE_OF` and calls
+  **kwargs)`` in (b, h, s, d), finds the module's `Site` (``_attnpatch_site``) and calls
   `attnpatch.router.route` with the site's scope, with exactly the semantics of transformers'
   ``sdpa_attention_forward``: ``is_causal = q_len > 1 and mask is None and module.is_causal``, T5's
   ``position_bias`` folded into an additive mask, dropout only when the model passes it (training),
@@ -55,7 +60,7 @@ from typing import Dict, List, Optional
 import torch
 
 from attnpatch import router
-from attnpatch.patch import SITE_OF, Adapter, Site, SiteMatch, UndoLog, original_class, site_class
+from attnpatch.patch import Adapter, Site, SiteMatch, UndoLog, extended_class, original_class, site_class
 
 logger = logging.getLogger("attnpatch")
 
@@ -117,15 +122,19 @@ def _collector():
     return _active_collector
 
 
+#: transformers' output collector, looked up when a model is patched (`patch_root`), never inside a call:
+#: filled lazily by the first call, a torch.compile'd model recompiled at its second call (the guard
+#: on the empty list failed).
 _COLLECTOR = []
+
+#: The attribute of a routed module's per-site class holding a weak reference to its `Site`.
+SITE_ATTR = "_attnpatch_site"
 
 
 def _weights_requested(kwargs) -> bool:
     if kwargs.get("output_attentions"):
         return True
-    if not _COLLECTOR:
-        _COLLECTOR.append(_collector())
-    col = _COLLECTOR[0]
+    col = _COLLECTOR[0] if _COLLECTOR else _collector()
     got = col.get() if col is not None else None
     return bool(got) and ("attentions" in got or "cross_attentions" in got)
 
@@ -139,7 +148,8 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     (b, h, s, d) in; ``(output in (b, s, h, d), None)`` out, like transformers' SDPA path. Calls from
     modules that are not patched are routed with no site setting: the controls and auto decide.
     """
-    site = SITE_OF.get(module)
+    ref = getattr(type(module), SITE_ATTR, None)
+    site = ref() if ref is not None else None
     if kwargs.get("sinks") is not None or _weights_requested(kwargs):
         why = "sinks" if kwargs.get("sinks") is not None else "output_attentions"
         return _own_implementation(site, why, module, query, key, value, attention_mask, dropout, scaling,
@@ -425,6 +435,8 @@ class TransformersAdapter(Adapter):
                 c = getattr(o, "config", None)
                 if c is not None:
                     configs.setdefault(id(c), c)
+        if not _COLLECTOR:
+            _COLLECTOR.append(_collector())
         token = object()
         register_implementation(token)
         undo.call(lambda: unregister_implementation(token), "unregister attnpatch from transformers' interfaces")
@@ -438,7 +450,8 @@ class TransformersAdapter(Adapter):
             undo.set_class(config, _config_class(orig, config, sites))
 
     def patch_site(self, match: SiteMatch, site: Site, undo: UndoLog) -> None:
-        # the config switch routes the module; the function finds the site in SITE_OF
+        # the config switch routes the module; the function finds the site on the module it is given
+        undo.set_class(match.module, extended_class(type(match.module), {SITE_ATTR: weakref.ref(site)}))
         sites = _SITES_OF_MATCH.pop(match.module, None)
         if sites is not None:
             sites.append(site)

@@ -158,6 +158,22 @@ def site_class(orig: type, namespace: Dict[str, Any]) -> type:
     return cls
 
 
+#: What `site_class` puts in every per-site class's namespace itself (not carried over by `extended_class`).
+_SITE_CLASS_OWN = frozenset({"__slots__", "__module__", "__qualname__", "__doc__", ORIGINAL_CLASS, "__reduce_ex__",
+                             "__dict__", "__weakref__"})
+
+
+def extended_class(cls: type, namespace: Dict[str, Any]) -> type:
+    """The per-site class for an object of class ``cls`` with ``namespace`` added: when ``cls`` already is
+    a per-site class (another adapter's, or context parallelism's), its functions are kept and
+    ``namespace`` wins over them; the new class still pickles and copies as the original class."""
+    ns: Dict[str, Any] = {}
+    if is_site_class(cls):
+        ns = {k: v for k, v in vars(cls).items() if k not in _SITE_CLASS_OWN}
+    ns.update(namespace)
+    return site_class(original_class(cls), ns)
+
+
 # -- undo ---------------------------------------------------------------------------------------------
 
 class UndoLog:

@@ -3,7 +3,7 @@
 # (issue 13). Sources: the tarballs kept beside the project (../shared/src/: SageAttention-d1a57a5,
 # flash-attention-0251105a, cutlass-7127592-include); copy them into DIR first.
 #
-#   bash benchmarks/build_kernels.sh DIR [sage2] [fa3] [fa4]     # default: sage2 fa3
+#   bash benchmarks/build_kernels.sh DIR [sage2] [fa3] [fa2] [fa4]     # default: sage2 fa3
 #
 # Each kernel is installed with pip --target into DIR/<name>/site (put it on PYTHONPATH), its log in
 # DIR/<name>.log, its wall time and result in DIR/<name>.status. Builds run one after another; run this
@@ -20,11 +20,13 @@
 # * fa4: the flash-attn-4 wheel and its CUTLASS DSL stack, from wheels in DIR/fa4-wheels (the 92 MB
 #   CUDA-13 DSL library joined from part.* files, see ../shared/gpu/wheels.sh); its .pth file is not
 #   read from PYTHONPATH, so DIR/fa4/site gets a sitecustomize.py that calls site.addsitedir.
-# FlashAttention 2 (csrc/flash_attn: ~70 translation units, forward and backward for every head dim,
-# no switches to shrink them) and xFormers (its sdist needs submodules that are not kept here) are not
-# built by this script: docs/GPU_BACKENDS.md says what stops them.
+# * fa2: FlashAttention 2 (csrc/flash_attn) shrunk to forward, fp16/bf16, head dims 64 and 128 (24 of its
+#   ~100 kernel units; larger head dims raise, backward raises): 543 s with 12 jobs beside other builds
+#   (H200 box, 2026-11-30). The full build does not fit one 10-minute call.
+# xFormers (its sdist needs submodules that are not kept here) is not built by this script:
+# docs/GPU_BACKENDS.md says what stops it.
 set -u
-DIR="${1:?usage: build_kernels.sh DIR [sage2] [fa3] [fa4]}"
+DIR="${1:?usage: build_kernels.sh DIR [sage2] [fa3] [fa2] [fa4]}"
 shift
 WHAT=("$@")
 [ ${#WHAT[@]} -eq 0 ] && WHAT=(sage2 fa3)
@@ -54,6 +56,54 @@ fa3() {
   done
   cd "$DIR/fa3/src/hopper" && FLASH_ATTENTION_FORCE_BUILD=TRUE MAX_JOBS="$JOBS" NVCC_THREADS=4 \
     "$PY" -m pip install --no-build-isolation --no-deps --no-index --target "$DIR/fa3/site" .
+}
+
+fa2() {
+  # FlashAttention 2 (csrc/flash_attn) shrunk to attnpatch's matrix: forward only (its own
+  # FLASHATTENTION_DISABLE_BACKWARD, plus run_mha_bwd's body guarded so no backward kernel is referenced),
+  # fp16 and bf16, head dims 64 and 128 (HEADDIM_SWITCH: d <= 64 runs the 64 kernel, d <= 128 the 128 one,
+  # larger raises), sm90 code of its sm80 kernels. 24 kernel translation units of the ~100.
+  rm -rf "$DIR/fa2" && mkdir -p "$DIR/fa2/src"
+  tar xzf "$DIR"/flash-attention-*.tar.gz -C "$DIR/fa2/src" --strip-components=1
+  mkdir -p "$DIR/fa2/src/csrc/cutlass"
+  tar xzf "$DIR"/cutlass-*-include.tar.gz -C "$DIR/fa2/src/csrc/cutlass" --strip-components=1
+  cd "$DIR/fa2/src" && "$PY" - <<'PYEOF' || return 1
+import re
+s = open("setup.py").read()
+s = re.sub(r'\n\s*"csrc/flash_attn/src/flash_(bwd|fwd|fwd_split|fwd_split_align)_hdim(\d+)_[^"]*\.cu",',
+           lambda m: m.group(0) if m.group(1) != "bwd" and m.group(2) in ("64", "128") else "", s)
+assert s.count("feature_flags = []") == 1
+s = s.replace("feature_flags = []", 'feature_flags = ["-DFLASHATTENTION_DISABLE_BACKWARD"]')
+open("setup.py", "w").write(s)
+h = "csrc/flash_attn/src/static_switch.h"
+t = open(h).read()
+i = t.index("#define HEADDIM_SWITCH")
+t = t[:i] + """#define HEADDIM_SWITCH(HEADDIM, ...)   \\
+  [&] {                                    \\
+    if (HEADDIM <= 64) {                   \\
+      constexpr static int kHeadDim = 64;  \\
+      return __VA_ARGS__();                \\
+    } else if (HEADDIM <= 128) {           \\
+      constexpr static int kHeadDim = 128; \\
+      return __VA_ARGS__();                \\
+    } else {                               \\
+      throw std::runtime_error("this FlashAttention 2 build has head dims 64 and 128 only"); \\
+    }                                      \\
+  }()
+"""
+open(h, "w").write("#include <stdexcept>\n" + t)
+a = "csrc/flash_attn/flash_api.cpp"
+c = open(a).read()
+old = "void run_mha_bwd(Flash_bwd_params &params, cudaStream_t stream) {\n"
+assert c.count(old) == 1
+j = c.index(old) + len(old)
+k = c.index("\n}\n", j)
+c = c[:j] + "#ifndef FLASHATTENTION_DISABLE_BACKWARD\n" + c[j:k] + "\n#endif" + c[k:]
+open(a, "w").write(c)
+print("fa2 sources:", s.count('sm80.cu"'))
+PYEOF
+  FLASH_ATTENTION_FORCE_BUILD=TRUE FLASH_ATTN_CUDA_ARCHS=90 MAX_JOBS="$JOBS" NVCC_THREADS=2 \
+    "$PY" -m pip install --no-build-isolation --no-deps --no-index --target "$DIR/fa2/site" .
 }
 
 fa4() {

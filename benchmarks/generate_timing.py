@@ -77,6 +77,66 @@ def timed_generate(model, ids, new_tokens, device, repeats, **kw):
             "ms_per_token": statistics.median(times[1:]) / new_tokens * 1e3}, outs[-1]
 
 
+def _kernel_profile(model, ids, new_tokens, **kw) -> str:
+    """The CUDA kernels of one ``generate`` (torch.profiler), by total device time, with counts and
+    µs per generated token: what a compiled, graph-replayed decoding step runs."""
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=acts) as prof, torch.no_grad():
+        model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, **kw)
+        torch.cuda.synchronize()
+    rows = [e for e in prof.key_averages() if e.self_device_time_total > 0]
+    rows.sort(key=lambda e: -e.self_device_time_total)
+    total = sum(e.self_device_time_total for e in rows)
+    lines = [f"{new_tokens} new tokens; self device time of all kernels {total / new_tokens:.1f} us/token",
+             f"{'count/token':>12} {'us/token':>9}  name"]
+    for e in rows[:40]:
+        lines.append(f"{e.count / new_tokens:12.2f} {e.self_device_time_total / new_tokens:9.2f}  {e.key[:140]}")
+    return "\n".join(lines) + "\n"
+
+
+def _compiled_interleaved(model, ids, new_tokens, device, rounds) -> dict:
+    """Static cache + transformers' own compiled decoding, stock and attnpatch in alternation: a second
+    copy of the model (same weights) is patched, both are compiled by their first ``generate`` and
+    warmed, then each round times one ``generate`` of each. (Switching one model between patched and
+    stock would recompile at every switch.) Rows: median seconds, ms/token, and the ratio."""
+    import copy
+
+    import torch._dynamo as dynamo
+
+    dynamo.reset()
+    for attr in ("_compiled_call", "_last_compile_config"):
+        if attr in vars(model):
+            delattr(model, attr)
+    patched = copy.deepcopy(model)
+    patch = attnpatch.apply(patched)
+    times = {"stock": [], "attnpatch": []}
+    outs = {}
+    try:
+        for i in range(rounds + 2):  # two untimed rounds: compilation, CUDA graph recording
+            for who, m in (("stock", model), ("attnpatch", patched)):
+                sync(device)
+                t0 = time.perf_counter()
+                with torch.no_grad():
+                    outs[who] = m.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                           do_sample=False, cache_implementation="static")
+                sync(device)
+                if i >= 2:
+                    times[who].append(time.perf_counter() - t0)
+        decisions = sorted({str(row.compiled) for row in patch.report().rows})
+    finally:
+        patch.remove()
+        del patched
+    med = {who: statistics.median(t) for who, t in times.items()}
+    out = {}
+    for who in ("stock", "attnpatch"):
+        out[f"static cache + reduce-overhead, interleaved / {who}"] = {
+            "first_s": float("nan"), "median_s": med[who], "ms_per_token": med[who] / new_tokens * 1e3,
+            "times_s": times[who], "rounds": rounds}
+    out["static cache + reduce-overhead, interleaved / attnpatch"].update(
+        identical_to_stock_static=bool(torch.equal(outs["stock"], outs["attnpatch"])), compiled_decisions=decisions)
+    return out
+
+
 def padded_prompts(ids, batch):
     """``batch`` prompts from ``ids`` (1, n), prompt i left-padded over its first 4·i tokens (token 0,
     mask 0): a batch of prompts of different lengths, as a server or an eval loop batches them.
@@ -142,6 +202,11 @@ def main(argv=None) -> int:
     p.add_argument("--compiled", default="qwen2.5-0.5b", help="models also run with static cache + reduce-overhead")
     p.add_argument("--compiled-only", action="store_true", help="skip the patched dynamic-cache rows (stock is the "
                    "reference for identical tokens and is always run)")
+    p.add_argument("--compiled-interleaved", type=int, default=0, metavar="ROUNDS",
+                   help="also time the compiled static-cache rows in alternation (stock / attnpatch on two "
+                   "copies of the model), ROUNDS rounds after two untimed ones")
+    p.add_argument("--profile-compiled", action="store_true", help="also write the CUDA kernels of one static-"
+                   "cache generate per compiled row (profile_static_<model>_<who>.txt)")
     p.add_argument("--append", action="store_true", help="keep the rows of an earlier run's generate_timing.json in --out")
     p.add_argument("--fresh-processes", action="store_true", help="run every row in a new Python process")
     p.add_argument("--interleaved", type=int, default=0, metavar="ROUNDS",
@@ -216,6 +281,7 @@ def main(argv=None) -> int:
             save()
         if args.row is None and name in args.compiled.split(","):
             import torch._dynamo as dynamo
+            static_ref = None
             for who in ("stock", "attnpatch"):
                 # transformers' own way: with a static cache on CUDA, generate compiles the decoding
                 # forward itself (CompileConfig: mode="reduce-overhead", CUDA graphs). Wrapping
@@ -232,14 +298,26 @@ def main(argv=None) -> int:
                     r, out = timed_generate(model, ids, args.new_tokens, device, args.repeats,
                                             cache_implementation="static")
                     r["identical_tokens"] = bool(torch.equal(out, ref))
+                    if who == "stock":
+                        static_ref = out
+                    else:  # the compiled graphs differ from eager in rounding: compare like with like
+                        r["identical_to_stock_static"] = (bool(torch.equal(out, static_ref))
+                                                          if static_ref is not None else None)
+                        r["compiled_decisions"] = sorted({str(row.compiled) for row in patch.report().rows})
                     r["compiled_by_transformers"] = "_compiled_call" in vars(model)
                     r["graphs"] = dynamo.utils.counters["stats"].get("unique_graphs", 0)
                     r["graph_breaks"] = sum(dynamo.utils.counters["graph_break"].values())
+                    if args.profile_compiled and cuda:
+                        with open(os.path.join(args.out, f"profile_static_{name}_{who}.txt"), "w") as f:
+                            f.write(_kernel_profile(model, ids, args.new_tokens, cache_implementation="static"))
                     rows[f"static cache + reduce-overhead / {who}"] = r
                 finally:
                     if patch is not None:
                         patch.remove()
                 save()
+        if args.row is None and args.compiled_interleaved and name in args.compiled.split(","):
+            rows.update(_compiled_interleaved(model, ids, args.new_tokens, device, args.compiled_interleaved))
+            save()
         print(name, json.dumps(rows, indent=1), flush=True)
         del model
         if cuda:
@@ -251,9 +329,10 @@ def main(argv=None) -> int:
              "|---|---|---:|---:|---:|---:|---|---:|"]
     for name, rows in res["models"].items():
         base = {"dynamic": rows.get("dynamic cache / stock", {}).get("median_s"),
-                "static": rows.get("static cache + reduce-overhead / stock", {}).get("median_s")}
+                "static": rows.get("static cache + reduce-overhead / stock", {}).get("median_s"),
+                "interleaved": rows.get("static cache + reduce-overhead, interleaved / stock", {}).get("median_s")}
         for label, r in rows.items():
-            b = base["static" if label.startswith("static") else "dynamic"]
+            b = base["interleaved" if "interleaved" in label else "static" if label.startswith("static") else "dynamic"]
             ratio = f"{r['median_s'] / b:.3f}" if b else "-"
             lines.append(f"| {name} | {label} | {r['first_s']:.2f} | {r['median_s']:.3f} | {r['ms_per_token']:.2f} | "
                          f"{ratio} | {r.get('identical_tokens', '-')} | {r.get('decisions', '-')} |")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import os
 import pickle
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Dict, Tuple
 
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 import attnpatch
-from attnpatch.patch import SITE_OF, Site
+from attnpatch.patch import SITE_OF, Site, extended_class
 
 transformers = pytest.importorskip("transformers")
 
@@ -349,11 +350,8 @@ def test_softcap_call_is_routed_to_a_backend_that_serves_softcap(rec):
     site = Site(path="layers.0.self_attn", adapter="transformers", scope=attnpatch.controls.Scope(
         backends=("tf_recording",), source="test"))
     site.scope.site = site
-    SITE_OF[attn] = site
-    try:
-        out, _ = adapter.attention_forward(attn, q, k, v, None, scaling=0.3, softcap=2.0)
-    finally:
-        del SITE_OF[attn]
+    attn.__class__ = extended_class(type(attn), {adapter.SITE_ATTR: weakref.ref(site)})
+    out, _ = adapter.attention_forward(attn, q, k, v, None, scaling=0.3, softcap=2.0)
     causal = torch.zeros(5, 5).masked_fill(torch.ones(5, 5, dtype=torch.bool).triu(1), torch.finfo(torch.float32).min)
     ref, _ = gemma_eager(attn, q, k, v, causal[None, None], scaling=0.3, softcap=2.0)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)

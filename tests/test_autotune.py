@@ -332,7 +332,7 @@ def _write(text):
 def _entry(times, versions=None, backend=None, failed=None):
     versions = versions or {n: torch.__version__ for n in ("sdpa", "sdpa_flash", "sdpa_math", "eager")}
     return {"backend": backend or min(times, key=times.get), "times_ms": times, "failed": failed or {},
-            "versions": versions, "measured": "2026-01-01T00:00:00Z"}
+            "versions": versions, "measured": "2026-01-01T00:00:00Z", "method": autotune.TIMING_METHOD}
 
 
 def _file_with(entry, call, machine=None):
@@ -393,6 +393,22 @@ def test_a_valid_file_is_used_and_unknown_backend_names_are_ignored():
         backend, how = autotune.choose(call, eligible_for(call))
     assert fake.asked == []
     assert backend.NAME == "sdpa_math" and how.startswith("cached")
+
+
+def test_an_entry_timed_by_an_earlier_method_is_measured_again():
+    """Entries written before `measure` queued a call ahead of its start event (no "method") held the
+    host's launch cost in short calls: they are timed again, and the new entry replaces them."""
+    call = cpu_call()
+    old = _entry({"sdpa": 2.0, "sdpa_flash": 1.5, "sdpa_math": 1.0, "eager": 3.0})
+    del old["method"]
+    _write(_file_with(old, call))
+    fake = FakeTimer({"sdpa": 0.1, "sdpa_flash": 1.0, "sdpa_math": 1.0, "eager": 1.0})
+    with autotune.override_timer(fake):
+        backend, how = autotune.choose(call, eligible_for(call))
+    assert backend.NAME == "sdpa" and how.startswith("measured")
+    assert len(fake.asked) == 4
+    (entry,) = entries_on_disk().values()
+    assert entry["method"] == autotune.TIMING_METHOD and entry["times_ms"]["sdpa"] == 0.1
 
 
 def test_an_entry_naming_an_ineligible_backend_never_makes_it_run(monkeypatch):

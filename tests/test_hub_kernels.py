@@ -406,8 +406,9 @@ def test_flash_attn3_hub_runs_flash_attn3s_translation(hub, case):
     assert attnpatch.stats().calls == {"flash_attn3_hub": 1}
     torch.testing.assert_close(out.double(), reference(q, k, v, layout=layout, **kw), atol=2e-3, rtol=2e-3)
     assert CALLS[-1][0] == ("flash_attn_varlen_func" if mask else "flash_attn_func")
-    if case == "causal_q_longer":
-        assert CALLS[-1][1]["window_size"] == (-1, 10) and CALLS[-1][1]["causal"] is False
+    if case == "causal_q_longer":  # 16 queries, 6 keys: a square causal call, then the rest unmasked
+        assert CALLS[-2][1]["causal"] is True
+        assert CALLS[-1][1]["window_size"] == (-1, -1) and CALLS[-1][1]["causal"] is False
 
 
 @pytest.mark.parametrize("case", [dict(), dict(layout="bsnd", scale=0.1, sq=260, skv=280), dict(hq=4, hkv=2),

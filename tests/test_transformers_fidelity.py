@@ -314,3 +314,31 @@ def test_static_cache_generate_eager_and_compiled_by_transformers(name):
     assert torch.equal(patched_compiled, stock)
     assert all(row.compiled for row in rows), [row.compiled for row in rows]
     fresh_compile()
+
+
+def test_a_compiled_patched_model_survives_other_patches_coming_and_going():
+    """The compiled forward of a patched model reaches each attention module's site through the module
+    itself: patching and removing other models (which reorders attnpatch's weak site dictionary) must
+    neither recompile it nor change its output. The site was once found through that dictionary, and
+    dynamo guarded the module's weights by their key's position in it."""
+    import torch._dynamo as dynamo
+    from torch._dynamo.testing import CompileCounter
+
+    others = [MODELS["llama"]("sdpa") for _ in range(2)]
+    model = MODELS["qwen2"]("sdpa")
+    ids = torch.randint(3, 90, (1, 9), generator=torch.Generator().manual_seed(1))
+    dynamo.reset()
+    first = attnpatch.apply(others[0])
+    with attnpatch.patched(model):
+        second = attnpatch.apply(others[1])
+        counter = CompileCounter()
+        compiled = torch.compile(model, backend=counter, fullgraph=True)
+        with torch.no_grad():
+            ref = compiled(ids).logits
+            first.remove()  # the entries before this model's go
+            again = compiled(ids).logits
+            second.remove()
+            third = compiled(ids).logits
+        assert counter.frame_count == 1, f"recompiled {counter.frame_count - 1} times"
+        assert torch.equal(again, ref) and torch.equal(third, ref)
+    dynamo.reset()

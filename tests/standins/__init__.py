@@ -69,6 +69,12 @@ def _check_fa(q, k, v, dims):
 
 # -- flash-attn 2: module `flash_attn` -----------------------------------------------------------------
 
+def _fa2_window(window, seqlen_k):
+    """FlashAttention 2's mha_fwd drops a window edge >= seqlen_k (``window_size_right = -1``), also where
+    the edge still limited a query row (more queries than keys): its C++ API, flash_api.cpp."""
+    return tuple(-1 if w >= seqlen_k else w for w in window)
+
+
 def _fa2_module():
     m = types.ModuleType("flash_attn")
 
@@ -77,7 +83,7 @@ def _fa2_module():
         _check_fa(q, k, v, 4)
         CALLS.append(("flash_attn_func", dict(causal=causal, window_size=tuple(window_size), dropout_p=dropout_p)))
         scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
-        keep = _fa_keep(q.shape[1], k.shape[1], causal, window_size, q.device)
+        keep = _fa_keep(q.shape[1], k.shape[1], causal, _fa2_window(window_size, k.shape[1]), q.device)
         out = torch.stack([_attend(q[b], k[b], v[b], scale, keep, p=dropout_p) for b in range(q.shape[0])])
         return (out, None, None) if return_attn_probs else out
 
@@ -97,7 +103,7 @@ def _fa2_module():
             assert qs.shape[0] <= max_seqlen_q and ks.shape[0] <= max_seqlen_k
             if ks.shape[0] == 0:
                 continue  # flash-attn writes zeros for an empty key sequence
-            keep = _fa_keep(qs.shape[0], ks.shape[0], causal, window_size, q.device)
+            keep = _fa_keep(qs.shape[0], ks.shape[0], causal, _fa2_window(window_size, max_seqlen_k), q.device)
             out[cq[b]:cq[b + 1]] = _attend(qs, ks, v[ck[b]:ck[b + 1]], scale, keep, p=dropout_p)
         return (out, None, None) if return_attn_probs else out
 
