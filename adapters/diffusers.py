@@ -56,17 +56,13 @@ import torch
 import torch.nn.functional as F
 
 from attnpatch import router
-from attnpatch.patch import Adapter, Site, SiteMatch, UndoLog, is_site_class, original_class, own_attr, site_class
+from attnpatch.patch import SITE_ATTR, Adapter, Site, SiteMatch, UndoLog, is_site_class, original_class, own_attr, site_class
 from attnpatch.rebind import _ProxyModule, functional_proxy, rebind, sdpa_for_site, torch_proxy
 
 logger = logging.getLogger("attnpatch")
 
 _SDPA = F.scaled_dot_product_attention
 _MAX_HELPER_DEPTH = 4
-
-#: attribute name attnpatch puts on the per-site classes it creates (never on instances)
-_SITE = "_attnpatch_site"
-
 
 def join_path(prefix: str, name: str) -> str:
     return ".".join(p for p in (prefix, name) if p)
@@ -356,7 +352,7 @@ def routed_class(orig: type, site: Site) -> type:
     if cls is not None:
         return cls
     funcs = _SiteFunctions(site)
-    ns: Dict[str, Any] = {_SITE: weakref.ref(site)}
+    ns: Dict[str, Any] = {SITE_ATTR: weakref.ref(site)}
     for name, (kind, plan) in class_plans(orig).items():
         fn = funcs.copy_of(plan)
         ns[name] = staticmethod(fn) if kind == "staticmethod" else classmethod(fn) if kind == "classmethod" else fn

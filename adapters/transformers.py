@@ -60,7 +60,7 @@ from typing import Dict, List, Optional
 import torch
 
 from attnpatch import router
-from attnpatch.patch import Adapter, Site, SiteMatch, UndoLog, extended_class, original_class, site_class
+from attnpatch.patch import SITE_ATTR, Adapter, Site, SiteMatch, UndoLog, extended_class, original_class, site_class
 
 logger = logging.getLogger("attnpatch")
 
@@ -126,9 +126,6 @@ def _collector():
 #: filled lazily by the first call, a torch.compile'd model recompiled at its second call (the guard
 #: on the empty list failed).
 _COLLECTOR = []
-
-#: The attribute of a routed module's per-site class holding a weak reference to its `Site`.
-SITE_ATTR = "_attnpatch_site"
 
 
 def _weights_requested(kwargs) -> bool:

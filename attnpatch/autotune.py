@@ -496,12 +496,12 @@ def measure(backend, call: Call) -> float:
                 grad_out = torch.ones_like(out)
             torch.autograd.grad(out, (q, k, v), grad_out)
 
-    prefill = [0]
+    prefill = 0  # calls queued ahead of the start event: see PREFILL_BELOW_MS (set after the estimate)
 
     def sample(n):
         if cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            for _ in range(prefill[0]):  # queued ahead of the start event: see PREFILL_BELOW_MS
+            for _ in range(prefill):
                 once()
             start.record()
             for _ in range(n):
@@ -522,7 +522,7 @@ def measure(backend, call: Call) -> float:
         if cuda:
             torch.cuda.synchronize(dev)
         est = max(sample(1), 1e-4)
-        prefill[0] = 1 if cuda and est < PREFILL_BELOW_MS else 0
+        prefill = 1 if cuda and est < PREFILL_BELOW_MS else 0
         inner = max(1, min(MAX_INNER, math.ceil(MIN_SAMPLE_MS / est)))
         n = max(MIN_SAMPLES, min(MAX_SAMPLES, int(BUDGET_MS / (est * inner))))
         times = sorted(sample(inner) for _ in range(n))

@@ -158,6 +158,10 @@ def site_class(orig: type, namespace: Dict[str, Any]) -> type:
     return cls
 
 
+#: The attribute of a per-site class (never of an instance) holding a weak reference to its `Site`: the
+#: adapters' routed functions find their site through the object they serve.
+SITE_ATTR = "_attnpatch_site"
+
 #: What `site_class` puts in every per-site class's namespace itself (not carried over by `extended_class`).
 _SITE_CLASS_OWN = frozenset({"__slots__", "__module__", "__qualname__", "__doc__", ORIGINAL_CLASS, "__reduce_ex__",
                              "__dict__", "__weakref__"})

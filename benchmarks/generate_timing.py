@@ -130,7 +130,7 @@ def _compiled_interleaved(model, ids, new_tokens, device, rounds) -> dict:
     out = {}
     for who in ("stock", "attnpatch"):
         out[f"static cache + reduce-overhead, interleaved / {who}"] = {
-            "first_s": float("nan"), "median_s": med[who], "ms_per_token": med[who] / new_tokens * 1e3,
+            "first_s": None, "median_s": med[who], "ms_per_token": med[who] / new_tokens * 1e3,
             "times_s": times[who], "rounds": rounds}
     out["static cache + reduce-overhead, interleaved / attnpatch"].update(
         identical_to_stock_static=bool(torch.equal(outs["stock"], outs["attnpatch"])), compiled_decisions=decisions)
@@ -334,7 +334,8 @@ def main(argv=None) -> int:
         for label, r in rows.items():
             b = base["interleaved" if "interleaved" in label else "static" if label.startswith("static") else "dynamic"]
             ratio = f"{r['median_s'] / b:.3f}" if b else "-"
-            lines.append(f"| {name} | {label} | {r['first_s']:.2f} | {r['median_s']:.3f} | {r['ms_per_token']:.2f} | "
+            first = "-" if r["first_s"] is None else f"{r['first_s']:.2f}"
+            lines.append(f"| {name} | {label} | {first} | {r['median_s']:.3f} | {r['ms_per_token']:.2f} | "
                          f"{ratio} | {r.get('identical_tokens', '-')} | {r.get('decisions', '-')} |")
     md = "\n".join(lines) + "\n"
     with open(os.path.join(args.out, "generate_timing.md"), "w") as f:

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import attnpatch
-from attnpatch.patch import SITE_OF, Site, extended_class
+from attnpatch.patch import SITE_ATTR, SITE_OF, Site, extended_class
 
 transformers = pytest.importorskip("transformers")
 
@@ -350,7 +350,7 @@ def test_softcap_call_is_routed_to_a_backend_that_serves_softcap(rec):
     site = Site(path="layers.0.self_attn", adapter="transformers", scope=attnpatch.controls.Scope(
         backends=("tf_recording",), source="test"))
     site.scope.site = site
-    attn.__class__ = extended_class(type(attn), {adapter.SITE_ATTR: weakref.ref(site)})
+    attn.__class__ = extended_class(type(attn), {SITE_ATTR: weakref.ref(site)})
     out, _ = adapter.attention_forward(attn, q, k, v, None, scaling=0.3, softcap=2.0)
     causal = torch.zeros(5, 5).masked_fill(torch.ones(5, 5, dtype=torch.bool).triu(1), torch.finfo(torch.float32).min)
     ref, _ = gemma_eager(attn, q, k, v, causal[None, None], scaling=0.3, softcap=2.0)
