@@ -57,6 +57,8 @@ HOW_TO_GET: Dict[str, str] = {
     "flash_attn3": ("FlashAttention 3 is not on PyPI: git clone https://github.com/Dao-AILab/flash-attention && "
                     "cd flash-attention/hopper && python setup.py install (Hopper, CUDA 12.3 or newer). "
                     "Prebuilt alternative: flash_attn3_hub"),
+    "flash_attn3_fp8": ("FlashAttention 3 built with its fp8 kernels (not on PyPI): as flash_attn3, without "
+                        "FLASH_ATTENTION_DISABLE_FP8 set (benchmarks/build_kernels.sh fa3 keeps them; Hopper)"),
     "flash_attn4": "pip install 'attnpatch[flash4]' (Hopper or Blackwell)",
     "xformers": ("the xformers wheel built for your torch, from PyTorch's index: pip install xformers "
                  "--index-url https://download.pytorch.org/whl/cu128 (use your torch's CUDA tag; check with "

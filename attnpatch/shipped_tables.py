@@ -3,8 +3,9 @@ times anything: a fresh process then pays no timing for the calls they cover (is
 call of a new signature used to cost up to 1.3 s of timing at Wan's shape).
 
 A rule answers only when *every* backend the router found eligible for the call is one it covers, so
-an installed third-party kernel, a lossy opt-in or a backend the rule was not measured with makes auto
-time the candidates as before. A machine's own measurement in the autotune cache wins over a rule.
+a backend the rule was not measured with (an installed FlashAttention 4 or xFormers, a lossy kernel
+outside video lengths) makes auto time the candidates as before. A machine's own measurement in the
+autotune cache wins over a rule.
 The rule picks among the eligible backends only: it can never make an ineligible kernel run.
 """
 
@@ -19,6 +20,20 @@ from .call import Call
 
 #: The exact torch kernels (and the reference paths) a rule may cover.
 _TORCH_EXACT = frozenset({"sdpa", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "sdpa_math", "flex", "eager"})
+#: The backends measured side by side on sm90 (H200, 2026-11-30: docs/GPU_BACKENDS.md, fifth run): torch's
+#: kernels, FlashAttention 2 and 3 (exact), SageAttention 2.2.0's kernels and attnpatch's fp8 (lossy: those
+#: are eligible only under the lossy opt-in, so a rule preferring one never runs it without the opt-in).
+#: The lossy ones were compared at every shape but ranked only at video lengths, so only the video rules
+#: cover them; elsewhere the opt-in makes auto time the candidates.
+_SM90_EXACT_MEASURED = _TORCH_EXACT | frozenset({"flash_attn", "flash_attn3"})
+_SM90_MEASURED = _SM90_EXACT_MEASURED | frozenset({"fp8", "sage", "sage_fp16_triton", "sage_fp16_cuda",
+                                                   "sage_fp8_cuda_sm90"})
+
+
+def _plain_head_dim_128(call: Call) -> bool:
+    """No mask, window, softcap or sinks; head dim 128: the calls the long-sequence rows measured."""
+    return (call.mask_kind == "none" and call.head_dim == 128 and call.head_dim_v == 128 and call.window is None
+            and call.softcap is None and not call.sinks)
 
 
 #: The kinds of call a rule can be limited to (`ShippedRule.calls`).
@@ -26,6 +41,10 @@ CALL_KINDS: Dict[str, Callable[[Call], bool]] = {
     "any": lambda call: True,
     # one query token against a key cache: a decoding step, whose key length is new at every step
     "decode": lambda call: call.seq_q == 1,
+    # at least 4608 queries and keys (Flux 1024²'s joint sequence and up), no mask, head dim 128
+    "long": lambda call: _plain_head_dim_128(call) and min(call.seq_q, call.seq_kv) >= 4608,
+    # at least 16384 queries and keys, not causal: video self-attention (Wan 480p: 32760 tokens)
+    "video": lambda call: _plain_head_dim_128(call) and not call.is_causal and min(call.seq_q, call.seq_kv) >= 16384,
 }
 
 
@@ -56,6 +75,25 @@ RULES: Tuple[ShippedRule, ...] = (
         "0.5 ms; generate's first run in a fresh process 1.74 s vs stock's 6.30 s (Qwen2.5-0.5B config) and "
         "2.31 s vs 8.14 s (Llama-3-8B config); steady state, interleaved with a new prompt each round, 0.98x / "
         "0.97x stock's time (H200, docs/GENERATE.md, 2026-11-30)", calls="decode", over_measurement=True),
+    ShippedRule(
+        "cuda_sm90", ("2.11",), "sage_fp8_cuda_sm90", _SM90_MEASURED,
+        "sm90, lossy opt-in, video self-attention: SageAttention 2's sm90 kernel was the fastest kernel auto "
+        "may take at Wan 480p (1, 40, 32760, 128): 28.2 ms bf16 / 28.6 fp16, against sage 28.7, fp8 29.2, "
+        "FlashAttention 3 32.8 and cuDNN 38.6 (relative error 3.9e-2), and `attnpatch calibrate` chose it for "
+        "every self-attention site of Wan 1.3B (8.0 vs 9.7 ms for FlashAttention 3; 5e-3 relative L2 on the "
+        "pipeline's own activations) (H200, 2026-11-30, docs/GPU_BACKENDS.md and docs/CALIBRATE.md); it "
+        "is compiled ahead of time, so a fresh process pays no kernel compilation", calls="video"),
+    ShippedRule(
+        "cuda_sm90", ("2.11",), "fp8", _SM90_MEASURED,
+        "sm90, lossy opt-in, video self-attention without SageAttention 2's sm90 kernel: attnpatch's fp8 "
+        "29.2 ms at Wan 480p (1, 40, 32760, 128) against FlashAttention 3's 32.8 and cuDNN's 38.6 "
+        "(relative error 4.7e-2; H200, 2026-11-30)", calls="video"),
+    ShippedRule(
+        "cuda_sm90", ("2.11",), "flash_attn3", _SM90_EXACT_MEASURED,
+        "sm90, 4608 tokens and more, head dim 128, no mask: FlashAttention 3 was the fastest exact kernel on "
+        "every such row, bf16 and fp16: Flux 1024² 0.396 / 0.411 ms vs cuDNN 0.439 / 0.459, Wan 480p 32.8 / "
+        "34.0 vs 38.6 / 40.1, causal GQA prefill of 8192 tokens 0.834 / 0.879 vs 1.008 / 1.055 (torch's "
+        "dispatch) (H200, 2026-11-30, docs/GPU_BACKENDS.md)", calls="long"),
     ShippedRule(
         "cuda_sm90", ("2.11",), "sdpa", _TORCH_EXACT,
         "sm90: torch's own dispatch (what stock runs) was within 2.4% of the fastest exact kernel on all 16 "

@@ -12,9 +12,10 @@
 # * sage2: SageAttention 2.2.0 (CUDA + Triton kernels), for sm90 only (TORCH_CUDA_ARCH_LIST=9.0): ~3.5 min
 #   with 16 cores. Its setup.py reads README.md, which the tarball keeps.
 # * fa3: FlashAttention 3 (flash-attention's hopper/), shrunk with its FLASH_ATTENTION_DISABLE_* switches
-#   to what attnpatch's matrix needs first: forward only, bf16 and fp16, head dims 64 and 128, varlen and
-#   local (sliding window / causal translation) kept; no split-KV, paged KV, append-KV, softcap, packed
-#   GQA, fp8, clusters, other head dims or sm80 kernels (FA3_DISABLE="..." replaces that list). Widen by
+#   to what attnpatch's matrix needs first: forward only, bf16, fp16 and fp8 e4m3 (the `flash_attn3_fp8`
+#   backend), head dims 64 and 128, varlen and local (sliding window / causal translation) kept; no
+#   split-KV, paged KV, append-KV, softcap, packed GQA, clusters, other head dims or sm80 kernels
+#   (FA3_DISABLE="..." replaces that list). Widen by
 #   unsetting switches (each adds translation units of several minutes each). ~2 min with 8-16 jobs on
 #   16 cores (H200 box, 2026-11-30: 124-134 s); accuracy, compile and CUDA-graph tests pass on it.
 # * fa4: the flash-attn-4 wheel and its CUTLASS DSL stack, from wheels in DIR/fa4-wheels (the 92 MB
@@ -50,7 +51,7 @@ fa3() {
   local off
   # FP16 stays on: the build without fp16 kernels segfaulted on an fp16 call instead of raising (H200,
   # docs/GPU_BACKENDS.md), and the matrix has fp16 cases. FA3_DISABLE replaces the list.
-  for off in ${FA3_DISABLE:-BACKWARD SPLIT PAGEDKV APPENDKV SOFTCAP PACKGQA FP8 CLUSTER HDIM96 HDIM192 HDIM256 SM80 \
+  for off in ${FA3_DISABLE:-BACKWARD SPLIT PAGEDKV APPENDKV SOFTCAP PACKGQA CLUSTER HDIM96 HDIM192 HDIM256 SM80 \
              HDIMDIFF64 HDIMDIFF192}; do
     export "FLASH_ATTENTION_DISABLE_$off=TRUE"
   done

@@ -38,7 +38,8 @@ SHAPES = [
 ]
 
 DEFAULT = ["sdpa", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "flash_attn", "flash_attn3", "flash_attn4",
-           "xformers", "sage", "sage_fp16_triton", "sage_fp16_cuda", "sage_fp8_cuda", "sage_fp8_cuda_sm90", "sage3"]
+           "xformers", "sage", "sage_fp16_triton", "sage_fp16_cuda", "sage_fp8_cuda", "sage_fp8_cuda_sm90", "sage3",
+           "flash_attn3_fp8"]
 
 
 def versions():

@@ -650,13 +650,54 @@ def test_the_decode_rule_wins_over_an_earlier_measurement_of_a_decoding_step(mon
         assert autotune.choose(prefill, cands)[0].NAME == "sdpa_flash"  # the machine's entry, not the rule
 
 
-def test_the_shipped_rules_prefer_an_exact_kernel_they_cover():
+def test_the_shipped_rules_prefer_a_backend_they_cover_and_rank_lossy_ones_only_at_video_lengths():
     from attnpatch import registry, shipped_tables
 
     for rule in shipped_tables.RULES:
-        assert rule.prefer in rule.covers and rule.evidence
-        for name in rule.covers:
-            assert not registry.get_backend(name).LOSSY, name
+        assert rule.prefer in rule.covers and rule.evidence and rule.calls in shipped_tables.CALL_KINDS
+        lossy = {n for n in rule.covers if registry.get_backend(n).LOSSY}
+        assert not lossy or rule.calls == "video", (rule.prefer, lossy)
+        assert "flash_attn3_fp8" not in rule.covers  # never auto's: its error on real activations
+
+
+def _named(*names):
+    return [type(n, (), {"NAME": n})() for n in names]
+
+
+@pytest.mark.parametrize("shape,names,expected", [
+    # Wan 480p self-attention, the lossy opt-in: SageAttention 2's sm90 kernel, else fp8
+    (dict(seq_q=32760, seq_kv=32760), ("sdpa", "sdpa_cudnn", "flash_attn3", "fp8", "sage", "sage_fp8_cuda_sm90"),
+     "sage_fp8_cuda_sm90"),
+    (dict(seq_q=32760, seq_kv=32760), ("sdpa", "sdpa_cudnn", "flash_attn3", "fp8", "sage"), "fp8"),
+    # no opt-in (no lossy backend eligible): FlashAttention 3 from 4608 tokens, causal too
+    (dict(seq_q=32760, seq_kv=32760), ("sdpa", "sdpa_cudnn", "flash_attn", "flash_attn3"), "flash_attn3"),
+    (dict(seq_q=4608, seq_kv=4608), ("sdpa", "sdpa_cudnn", "flash_attn3"), "flash_attn3"),
+    (dict(seq_q=8192, seq_kv=8192, is_causal=True, heads_kv=2), ("sdpa", "sdpa_cudnn", "flash_attn3"), "flash_attn3"),
+    # lossy opt-in below video lengths, or causal: the lossy kernels were not ranked there, so auto times
+    (dict(seq_q=4608, seq_kv=4608), ("sdpa", "flash_attn3", "sage_fp8_cuda_sm90"), None),
+    (dict(seq_q=32760, seq_kv=32760, is_causal=True), ("sdpa", "flash_attn3", "sage_fp8_cuda_sm90"), None),
+    # outside what was measured: shorter, another head dim, a mask, a kernel no rule covers
+    (dict(seq_q=4096, seq_kv=4096), ("sdpa", "sdpa_cudnn", "flash_attn3"), None),
+    (dict(seq_q=32760, seq_kv=32760, head_dim=64, head_dim_v=64), ("sdpa", "flash_attn3"), None),
+    (dict(seq_q=4608, seq_kv=4608, mask_kind="bool", mask_shape=(1, 1, 1, 4608), key_padding=True),
+     ("sdpa", "sdpa_cudnn", "flash_attn3"), None),
+    (dict(seq_q=32760, seq_kv=32760), ("sdpa", "flash_attn3", "flash_attn4"), None),
+    # only torch's kernels: the general rule, torch's own dispatch
+    (dict(seq_q=32760, seq_kv=32760), ("sdpa", "sdpa_cudnn", "sdpa_flash"), "sdpa"),
+])
+def test_the_sm90_table_for_long_sequences_and_video(measured_torch, shape, names, expected):
+    import dataclasses
+
+    from attnpatch import shipped_tables
+
+    base = dict(dtype=torch.bfloat16, batch=1, heads_q=8, heads_kv=8, head_dim=128, head_dim_v=128)
+    call = dataclasses.replace(_cuda_call((9, 0)), **{**base, **shape})
+    got = shipped_tables.choice(call, _named(*names))
+    if expected is None:
+        assert got is None, got
+    else:
+        assert got is not None and got[0].NAME == expected and got[1].startswith("shipped table (cuda_sm90")
+        assert shipped_tables.choice(dataclasses.replace(call, capability=(8, 0)), _named(*names)) is None
 
 
 def test_with_measuring_off_a_shipped_decision_still_beats_the_static_order(monkeypatch):

@@ -29,16 +29,19 @@ from standins import CALLS, install
 THIRD_PARTY = {cls.NAME: cls for cls in BUILTIN if issubclass(cls, ThirdPartyBackend)}
 EXACT = ("flash_attn", "flash_attn3", "flash_attn4", "xformers")
 SAGE2 = ("sage_fp16_triton", "sage_fp16_cuda", "sage_fp8_cuda", "sage_fp8_cuda_sm90")
+#: reachable by name, recipe or calibrate only (see their AUTO_PRIORITY comment)
+NEVER_AUTO = ("flash_attn3_fp8",)
 
 
 def test_every_third_party_backend_is_builtin():
-    assert set(THIRD_PARTY) == {"flash_attn", "flash_attn3", "flash_attn4", "xformers", "sage", "sage3", *SAGE2}
+    assert set(THIRD_PARTY) == {"flash_attn", "flash_attn3", "flash_attn3_fp8", "flash_attn4", "xformers", "sage",
+                                "sage3", *SAGE2}
     for name, cls in THIRD_PARTY.items():
         assert cls.PACKAGE and cls.MIN_VERSION and (cls.EXTRA in ("flash", "flash4", "xformers", "sage") or cls.INSTALL_HINT), name
         assert cls.SUPPORTED_DEVICES == frozenset({"cuda"}), name
-        assert cls.LOSSY == name.startswith("sage"), name
+        assert cls.LOSSY == (name.startswith("sage") or name.endswith("_fp8")), name
         assert cls.SUPPORTS_BACKWARD == (not cls.LOSSY), name
-        assert cls.TOLERANCE and cls.AUTO_PRIORITY, name
+        assert cls.TOLERANCE and (cls.AUTO_PRIORITY or name in NEVER_AUTO), name
         assert (cls.CUDA_MIN_CAPABILITY or cls.CUDA_CAPABILITIES), name
         assert name in _custom_ops.OPS  # the custom op exists from import on
     for name in ("sage", "sage3", *SAGE2):
@@ -209,6 +212,95 @@ def test_pack_keys_packs_any_pattern_without_sync():
     assert torch.equal(vp, kp * 10)
 
 
+
+# -- translation: FlashAttention 3 fp8 ------------------------------------------------------------------
+
+FA3_FP8_CASES = {
+    "plain": dict(b=2, hq=4, hkv=4, sq=64, skv=80),
+    "bsnd_scale": dict(b=1, hq=2, hkv=2, sq=48, skv=48, layout="bsnd", scale=0.2),
+    "gqa": dict(b=2, hq=8, hkv=2, sq=40, skv=72),
+    "causal": dict(b=1, hq=2, hkv=2, sq=64, skv=64, is_causal=True),
+    "causal_kv_longer": dict(b=1, hq=2, hkv=2, sq=24, skv=64, is_causal=True),
+    "causal_q_longer": dict(b=1, hq=2, hkv=1, sq=64, skv=24, is_causal=True),
+}
+
+
+def _fp8_case(case, dtype=torch.bfloat16, key_offset=0.0):
+    c = dict(FA3_FP8_CASES[case])
+    layout = c.pop("layout", "bnsd")
+    kw = {k: c.pop(k) for k in ("scale", "is_causal") if k in c}
+    q, k, v = qkv(layout=layout, dtype=dtype, **c)
+    return q, (k.float() + key_offset).to(dtype), v, layout, kw
+
+
+def _relerr(out, ref):
+    return ((out.double() - ref).norm() / ref.norm()).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", list(FA3_FP8_CASES))
+def test_flash_attn3_fp8_translation(standin, case, dtype):
+    backend = standin("flash_attn3_fp8")
+    q, k, v, layout, kw = _fp8_case(case, dtype)
+    k_before = k.clone()
+    out = attnpatch.attention_forward(q, k, v, layout=layout, backend="flash_attn3_fp8", **kw)
+    assert attnpatch.stats().calls == {"flash_attn3_fp8": 1}
+    assert out.dtype == dtype and out.shape == q.shape  # FA3's fp8 path returns bf16: cast back
+    err = _relerr(out, reference(q, k, v, layout=layout, **kw))
+    assert err < backend.TOLERANCE[dtype], err  # e4m3 q, k, v (no P quantisation in the stand-in): ~4.6e-2
+    assert torch.equal(k, k_before), "the caller's key tensor was modified"
+    fp8_calls = [a for f, a in CALLS if f == "flash_attn_func fp8"]
+    assert fp8_calls and all(a["descales"] == (True, True, True) for a in fp8_calls)
+    if case == "causal_q_longer":  # split as for flash_attn (square causal part + unmasked rest)
+        assert len(fp8_calls) == 2
+
+
+def test_flash_attn3_fp8_smooths_the_keys(standin):
+    """A large offset shared by every key (common in diffusion models) would take e4m3's range and
+    leave the keys' differences a few levels; subtracting the keys' mean first keeps the error at the
+    offset-free level (the softmax, hence the exact result, does not change)."""
+    standin("flash_attn3_fp8")
+    q, k, v, layout, kw = _fp8_case("plain", key_offset=0.0)
+    plain = _relerr(attnpatch.attention_forward(q, k, v, backend="flash_attn3_fp8"), reference(q, k, v))
+    k_off = (k.float() + 40.0).bfloat16()
+    shifted = _relerr(attnpatch.attention_forward(q, k_off, v, backend="flash_attn3_fp8"), reference(q, k_off, v))
+    assert shifted < 2 * plain + 1e-3, (plain, shifted)
+    from attnpatch.backends.flash_attn3_fp8 import quantize_e4m3
+    b, h = k_off.shape[0], k_off.shape[1]
+    raw8, d = quantize_e4m3(k_off.transpose(1, 2), h)  # without smoothing: the differences are lost
+    raw = raw8.float() * d[:, None, :, None]
+    assert _relerr(raw - raw.mean(1, keepdim=True), (k_off.transpose(1, 2).double() - k_off.transpose(1, 2).double().mean(1, keepdim=True))) > 0.2
+
+
+def test_quantize_e4m3_scales_per_batch_and_kv_head():
+    from attnpatch.backends.flash_attn3_fp8 import E4M3_MAX, quantize_e4m3
+    x = torch.randn(2, 50, 4, 32).bfloat16()
+    x[1, :, 2:] *= 1000  # group 1 (heads 2, 3) of batch row 1 is large
+    x[0, :, :2] = 0  # group 0 of batch row 0 is all zero
+    x8, descale = quantize_e4m3(x, heads_kv=2)
+    assert x8.dtype == torch.float8_e4m3fn and x8.shape == x.shape and descale.shape == (2, 2)
+    assert descale.dtype == torch.float32 and torch.isfinite(descale).all()
+    assert x8.float().abs().amax(dim=(1, 3)).view(2, 2, 2).amax(-1)[1, 1] == E4M3_MAX  # amax -> 448
+    assert x8[0, :, :2].float().abs().max() == 0
+    back = x8.float() * descale.repeat_interleave(2, dim=1)[:, None, :, None]
+    for bi, g in ((0, 1), (1, 0), (1, 1)):
+        part = x[bi, :, 2 * g:2 * g + 2].float()
+        assert ((back[bi, :, 2 * g:2 * g + 2] - part).norm() / part.norm()) < 0.04
+
+
+def test_flash_attn3_fp8_probe_names_a_build_without_fp8(standin):
+    backend = standin("flash_attn3_fp8")
+    module = backend.standin_modules["flash_attn_interface"]
+    assert backend.smoke_test(module, torch.device("cpu")) == []
+
+    class NoFp8:
+        @staticmethod
+        def flash_attn_func(q, *a, **kw):
+            raise RuntimeError("This flash attention build does not support FP8.")
+
+    reasons = backend.smoke_test(NoFp8, torch.device("cpu"))
+    assert len(reasons) == 1 and "does not support FP8" in reasons[0] and "FLASH_ATTENTION_DISABLE_FP8" in reasons[0]
+
 # -- translation: xformers ------------------------------------------------------------------------------
 
 def _bool_mask(b, h, sq, skv, dead_row=True):
@@ -324,6 +416,11 @@ REFUSALS = [
     ("flash_attn", dict(dropout_p=0.1, needs_grad=True, compiling=True), "recompute backward cannot replay"),
     ("flash_attn3", dict(dropout_p=0.1), "no dropout"),
     ("flash_attn3", dict(capability=(8, 0)), "below the minimum 9.0"),
+    ("flash_attn3_fp8", dict(mask_kind="bool", mask_shape=(2, 1, 1, 1024), key_padding=True), "mask kind bool"),
+    ("flash_attn3_fp8", dict(head_dim=72, head_dim_v=72), "not a multiple of 16"),
+    ("flash_attn3_fp8", dict(needs_grad=True), "forward-only"),
+    ("flash_attn3_fp8", dict(dropout_p=0.1), "dropout"),
+    ("flash_attn3_fp8", dict(capability=(8, 9)), "below the minimum 9.0"),
     ("flash_attn4", dict(is_causal=True, seq_q=2048), "not translate"),
     ("flash_attn4", dict(capability=(12, 0)), "sm120 is not supported"),
     ("xformers", dict(head_dim=512, head_dim_v=512), "head_dim=512"),
@@ -378,6 +475,21 @@ def test_lossy_backends_need_the_opt_in_for_auto(standin, monkeypatch):
     assert any("lossy" in r for r in err.value.reasons[backend.NAME])
     with attnpatch.use_backend(allow_lossy=True) as scope:
         assert decide(call, None, scope, None).backend is backend
+
+
+def test_flash_attn3_fp8_is_never_picked_by_auto_even_with_the_lossy_opt_in(standin, monkeypatch):
+    from attnpatch import controls
+    from attnpatch.router import decide
+    backend = standin("flash_attn3_fp8")
+    call = _call()
+    assert backend.not_supported_reasons(call) == []  # it could serve the call ...
+    others = [n for n in registry.backend_names() if n != backend.NAME]
+    monkeypatch.setenv("ATTNPATCH_DISABLE", ",".join(others))
+    controls.reload_env()
+    with attnpatch.use_backend(allow_lossy=True) as scope:
+        with pytest.raises(attnpatch.BackendUnsupportedError):  # ... but auto never takes it
+            decide(call, None, scope, None)
+        assert decide(call, ("flash_attn3_fp8",), scope, None).backend is backend  # named: it runs
 
 
 def test_exact_backends_rank_after_cudnn_on_hopper():

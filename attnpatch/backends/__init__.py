@@ -5,6 +5,7 @@ from ..registry import register_backend
 from .eager import EagerBackend
 from .flash_attn import FlashAttnBackend
 from .flash_attn3 import FlashAttn3Backend
+from .flash_attn3_fp8 import FlashAttn3Fp8Backend
 from .flash_attn4 import FlashAttn4Backend
 from .flex import FlexBackend
 from .fp8 import Fp8Backend
@@ -28,7 +29,7 @@ BUILTIN = (SdpaBackend, SdpaCudnnBackend, SdpaFlashBackend, SdpaEfficientBackend
            # third-party kernels (probed at first use; importing them imports no third-party package)
            FlashAttnBackend, FlashAttn3Backend, FlashAttn4Backend, XformersBackend,
            SageBackend, SageFp16TritonBackend, SageFp16CudaBackend, SageFp8CudaBackend, SageFp8CudaSm90Backend,
-           Sage3Backend,
+           Sage3Backend, FlashAttn3Fp8Backend,
            # attnpatch's own lossy kernel (Triton, Hopper)
            Fp8Backend)
 

@@ -115,6 +115,24 @@ def _fa2_module():
 
 # -- flash-attn 3: module `flash_attn_interface` ---------------------------------------------------------
 
+def _fa3_dequantize(q, k, v, q_descale, k_descale, v_descale):
+    """FA3's fp8 path: e4m3 q, k, v (all three), head dims a multiple of 16, descales float32 (b, h_k) or
+    None (= 1); the kernel computes on x8 * descale and returns bf16. Here: dequantised to bf16."""
+    assert q.dtype == k.dtype == v.dtype == torch.float8_e4m3fn, (q.dtype, k.dtype, v.dtype)
+    assert q.shape[-1] % 16 == 0 and v.shape[-1] % 16 == 0, "head_size should be a multiple of 16"
+    b, hk = q.shape[0], k.shape[2]
+    CALLS.append(("flash_attn_func fp8", dict(descales=tuple(d is not None for d in (q_descale, k_descale, v_descale)))))
+
+    def deq(x, descale):
+        if descale is None:
+            return x.to(torch.bfloat16)
+        assert descale.dtype == torch.float32 and tuple(descale.shape) == (b, hk), (descale.dtype, descale.shape)
+        per_head = descale.repeat_interleave(x.shape[2] // hk, dim=1)[:, None, :, None]
+        return (x.float() * per_head).to(torch.bfloat16)
+
+    return deq(q, q_descale), deq(k, k_descale), deq(v, v_descale)
+
+
 def _fa3_module(returns_lse: bool):
     m = types.ModuleType("flash_attn_interface")
     fa2 = _fa2_module()
@@ -128,6 +146,8 @@ def _fa3_module(returns_lse: bool):
     def flash_attn_func(q, k, v, softmax_scale=None, causal=False, qv=None, q_descale=None, k_descale=None,
                         v_descale=None, window_size=(-1, -1), attention_chunk=0, softcap=0.0, num_splits=1,
                         pack_gqa=None, deterministic=False, sm_margin=0, return_attn_probs=False):
+        if q.dtype == torch.float8_e4m3fn:
+            q, k, v = _fa3_dequantize(q, k, v, q_descale, k_descale, v_descale)
         out = fa2.flash_attn_func(q, k, v, softmax_scale=softmax_scale, causal=causal, window_size=window_size)
         return _ret(out, (q.shape[0], q.shape[2], q.shape[1]), return_attn_probs)
 
@@ -294,6 +314,7 @@ def _sage3_module():
 LIBRARIES = {
     "flash_attn": ("flash-attn", "2.8.3"),
     "flash_attn3": ("flash_attn_3", "3.0.0b1"),
+    "flash_attn3_fp8": ("flash_attn_3", "3.0.0b1"),
     "flash_attn4": ("flash-attn-4", "4.0.0b36"),
     "xformers": ("xformers", "0.0.35"),
     "sage": ("sageattention", "1.0.6"),
@@ -310,7 +331,7 @@ def modules_for(backend: str, *, fa3_returns_lse: bool = False, sage_version: Op
     """The sys.modules entries that stand in for ``backend``'s library."""
     if backend == "flash_attn":
         return {"flash_attn": _fa2_module()}
-    if backend == "flash_attn3":
+    if backend in ("flash_attn3", "flash_attn3_fp8"):
         return {"flash_attn_interface": _fa3_module(fa3_returns_lse)}
     if backend == "flash_attn4":
         pkg = types.ModuleType("flash_attn")
