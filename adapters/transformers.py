@@ -145,7 +145,9 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     (b, h, s, d) in; ``(output in (b, s, h, d), None)`` out, like transformers' SDPA path. Calls from
     modules that are not patched are routed with no site setting: the controls and auto decide.
     """
-    ref = getattr(type(module), SITE_ATTR, None)
+    # module.__class__, not type(module): under torch.compile the guards then reuse the class check of
+    # transformers' deprecate_kwarg wrapper (args[0].__class__) instead of adding two per layer
+    ref = getattr(module.__class__, SITE_ATTR, None)
     site = ref() if ref is not None else None
     if kwargs.get("sinks") is not None or _weights_requested(kwargs):
         why = "sinks" if kwargs.get("sinks") is not None else "output_attentions"

@@ -68,6 +68,11 @@ AUTO: Tuple[str, ...] = ()
 
 _CONTEXT: contextvars.ContextVar = contextvars.ContextVar("attnpatch_context", default=None)
 
+#: True from the first `use_backend` block on (never reset). Until then `_CONTEXT` is None in every thread
+#: and task, so compiled code does not read it: dynamo checks this bool in C++ on each compiled call
+#: instead of calling a Python guard on the context variable. The first block recompiles once.
+USE_BACKEND_ENTERED = False
+
 
 def normalise_backends(spec: BackendSpec, source: str) -> Optional[Tuple[str, ...]]:
     """Turn a name, a comma-separated string or a list into a tuple of canonical backend names.
@@ -137,6 +142,7 @@ def use_backend(backend: BackendSpec = None, *, strict: Optional[bool] = None,
     named backends cannot serve raises `BackendUnsupportedError` instead of falling back.
     ``allow_lossy=True`` lets auto pick lossy (8-bit/fp8) kernels. Nests; restores on exit and on error.
     """
+    global USE_BACKEND_ENTERED
     if strict is not None and not isinstance(strict, bool):
         raise TypeError(f"use_backend(strict=...) must be a bool or None, got {strict!r}")
     if allow_lossy is not None and not isinstance(allow_lossy, bool):
@@ -151,6 +157,7 @@ def use_backend(backend: BackendSpec = None, *, strict: Optional[bool] = None,
         strict if strict is not None else (outer.strict if outer else None),
         allow_lossy if allow_lossy is not None else (outer.allow_lossy if outer else None),
     )
+    USE_BACKEND_ENTERED = True
     token = _CONTEXT.set(scope)
     try:
         yield scope

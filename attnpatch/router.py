@@ -881,7 +881,9 @@ def _traced_forward(site, query, key, value, layout, attn_mask, is_causal, scale
         res, lse = out if isinstance(out, tuple) else (out, None)
         res = res.reshape(tuple(query.shape[:-3]) + tuple(res.shape[1:])) if lead_rank else res[0]
         return res if lse is None else (res, lse.reshape(tuple(query.shape[:-3]) + tuple(lse.shape[1:])) if lead_rank else lse[0])
-    features = features or NO_FEATURES
+    # a literal for no features: reading NO_FEATURES' fields would add guards on that global to every call
+    feats = (None, None, False, False) if features is None else (
+        features.window, features.softcap, features.sinks, features.return_lse)
     grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
     b, hq, sq, d = split_dims(layout, query.shape)
     _, hk, skv, _ = split_dims(layout, key.shape)
@@ -899,9 +901,10 @@ def _traced_forward(site, query, key, value, layout, attn_mask, is_causal, scale
     # symbolic); batch and sequence sizes are never specialised
     static = (layout, query.dtype, query.device, operator.index(hq), operator.index(hk), operator.index(d),
               operator.index(dv), batch_is_1, mask, is_causal, has_dropout, grad, contiguous,
-              (features.window, features.softcap, features.sinks, features.return_lse))
+              feats)
     if _DYNAMO_GUARDS_CONTEXTVARS:
-        ctx = _CONTEXT.get()
+        # read only once a use_backend() block was entered: a guard on the context variable is a Python call
+        ctx = _CONTEXT.get() if controls.USE_BACKEND_ENTERED else None
         ctx = None if ctx is None else ctx.token
     else:
         ctx = _READ_CONTEXT_AT_TRACE

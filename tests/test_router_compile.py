@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import attnpatch
-from attnpatch import registry, router
+from attnpatch import controls, registry, router
 from attnpatch.backends import flex as flex_backend
 from attnpatch.backends._sdpa_common import SdpaFamily
 
@@ -112,7 +112,11 @@ def test_inductor_compile_of_a_masked_bsnd_call():
 @pytest.mark.skipif(not attnpatch.router._DYNAMO_GUARDS_CONTEXTVARS,
                     reason="torch < 2.14 cannot trace ContextVar.get: use_backend() is read once at trace time "
                            "(test_compile_without_contextvar_tracing_reads_the_setting_at_trace_time covers it)")
-def test_use_backend_decides_inside_compiled_code(marker):
+@pytest.mark.parametrize("entered_before", [False, True], ids=["first_use_backend_after_compile", "entered_before"])
+def test_use_backend_decides_inside_compiled_code(marker, monkeypatch, entered_before):
+    # before any use_backend() block compiled code does not read the context variable (a C++ guard on
+    # controls.USE_BACKEND_ENTERED instead): the first block must still recompile for its setting
+    monkeypatch.setattr(controls, "USE_BACKEND_ENTERED", entered_before)
     q, k, v, _ = _inputs("bnsd")
     compiled = torch.compile(lambda q, k, v: attnpatch.attention_forward(q, k, v), fullgraph=True, backend="eager")
     plain = F.scaled_dot_product_attention(q, k, v)
@@ -185,3 +189,34 @@ def test_compile_without_contextvar_tracing_reads_the_setting_at_trace_time(monk
     torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, q, q) + 1)
     assert "sdpa_math" in router.compiled_decisions_of(None)
     torch._dynamo.reset()
+
+
+def _python_guard_calls(fn, *args) -> int:
+    """Python functions of dynamo's guards module run per call of compiled ``fn`` (lambda guards, e.g.
+    on a context variable); dynamo's C++ guards do not show in the profile."""
+    import cProfile
+    import pstats
+
+    fn(*args)
+    fn(*args)
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(10):
+        fn(*args)
+    prof.disable()
+    calls = sum(stat[1] for (path, _line, _name), stat in pstats.Stats(prof).stats.items()
+                if path.replace("\\", "/").endswith("torch/_dynamo/guards.py"))
+    return calls // 10
+
+
+def test_compiled_call_runs_no_python_guard_beyond_stock(monkeypatch):
+    """Issue 15: a guard on use_backend()'s context variable is a Python call in every compiled call
+    (torch >= 2.14 guards ContextVar.get through a lambda); until a block was entered it is not read."""
+    monkeypatch.setattr(controls, "USE_BACKEND_ENTERED", False)
+    q, k, v, _ = _inputs("bnsd")
+    stock = _python_guard_calls(torch.compile(lambda q, k, v: F.scaled_dot_product_attention(q, k, v),
+                                              fullgraph=True, backend="eager"), q, k, v)
+    torch._dynamo.reset()
+    routed = _python_guard_calls(torch.compile(lambda q, k, v: attnpatch.attention_forward(q, k, v),
+                                               fullgraph=True, backend="eager"), q, k, v)
+    assert routed <= stock
