@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Build the third-party attention kernels attnpatch wraps, from source, on a GPU box with no network
 # (issue 13). Sources: the tarballs kept beside the project (../shared/src/: SageAttention-d1a57a5,
-# flash-attention-0251105a, cutlass-7127592-include); copy them into DIR first.
+# flash-attention-0251105a, cutlass-7127592-include) and, for xformers, `git archive`s of the public
+# repositories (docs/GPU_BACKENDS.md, xformers row); copy them into DIR first.
 #
-#   bash benchmarks/build_kernels.sh DIR [sage2] [fa3] [fa2] [fa4]     # default: sage2 fa3
+#   bash benchmarks/build_kernels.sh DIR [sage2] [fa3] [fa2] [fa4] [xformers]     # default: sage2 fa3
 #
 # Each kernel is installed with pip --target into DIR/<name>/site (put it on PYTHONPATH), its log in
 # DIR/<name>.log, its wall time and result in DIR/<name>.status. Builds run one after another; run this
@@ -24,10 +25,15 @@
 # * fa2: FlashAttention 2 (csrc/flash_attn) shrunk to forward, fp16/bf16, head dims 64 and 128 (24 of its
 #   ~100 kernel units; larger head dims raise, backward raises): 543 s with 12 jobs beside other builds
 #   (H200 box, 2026-11-30). The full build does not fit one 10-minute call.
-# xFormers (its sdist needs submodules that are not kept here) is not built by this script:
-# docs/GPU_BACKENDS.md says what stops it.
+# * xformers: xFormers 0.0.35 (tag v0.0.35, a git archive: DIR/xformers-03b91d7.tar.gz) with CUTLASS's
+#   include/ and tools/util/include/ (DIR/xformers-cutlass-8afb19d.tar.gz, its pinned commit, else the
+#   kept cutlass-*-include tarball). Its extension holds no attention kernels: on CUDA its dispatcher runs
+#   FlashAttention 3 / 2 when they import, else torch's own efficient and flash kernels; the extension is
+#   needed only because without it every CUDA op refuses. 11 .cu + 2 .cpp units; estimated 2-5 min with
+#   16 jobs (XF_SELECTIVE=nvcc_info: one unit, enough for memory_efficient_attention). NOT YET RUN on the
+#   box. Keep the shrunk FA2/FA3 builds off PYTHONPATH when measuring it (xformers tries them first).
 set -u
-DIR="${1:?usage: build_kernels.sh DIR [sage2] [fa3] [fa2] [fa4]}"
+DIR="${1:?usage: build_kernels.sh DIR [sage2] [fa3] [fa2] [fa4] [xformers]}"
 shift
 WHAT=("$@")
 [ ${#WHAT[@]} -eq 0 ] && WHAT=(sage2 fa3)
@@ -113,6 +119,47 @@ fa4() {
   [ -f "$w/BIG_WHEEL_NAME" ] && [ ! -f "$w/$(cat "$w/BIG_WHEEL_NAME")" ] && cat "$w"/part.* > "$w/$(cat "$w/BIG_WHEEL_NAME")"
   "$PY" -m pip install --no-index --no-deps --target "$DIR/fa4/site" "$w"/*.whl &&
     printf 'import site\nsite.addsitedir(%r)\n' "$DIR/fa4/site" > "$DIR/fa4/site/sitecustomize.py"
+}
+
+xformers() {
+  rm -rf "$DIR/xformers" && mkdir -p "$DIR/xformers/src"
+  tar xzf "$DIR"/xformers-03b91d7.tar.gz -C "$DIR/xformers/src" --strip-components=1 || return 1
+  local cut="$DIR/xformers/src/third_party/cutlass" ct
+  rm -rf "$cut" && mkdir -p "$cut"
+  ct=$(ls "$DIR"/xformers-cutlass-*.tar.gz 2>/dev/null | head -1)
+  [ -n "$ct" ] || ct=$(ls "$DIR"/cutlass-*-include.tar.gz | head -1)
+  echo "xformers: CUTLASS from $ct"
+  tar xzf "$ct" -C "$cut" --strip-components=1 || return 1
+  [ -f "$cut/include/cutlass/cutlass.h" ] && [ -f "$cut/tools/util/include/cutlass/util/packed_stride.hpp" ] ||
+    { echo "cutlass include/ or tools/util/include/ not found after unpacking"; return 1; }
+  cd "$DIR/xformers/src" && "$PY" - <<'PYEOF' || return 1
+# setup.py registers its bdist_wheel subclass on wheel.bdist_wheel only; without the `wheel` package the
+# class derives from object and pip's build_wheel fails. Fall back to setuptools' own bdist_wheel.
+s = open("setup.py").read()
+old = "    from wheel.bdist_wheel import bdist_wheel as _bdist_wheel\n"
+assert s.count(old) == 1
+s = s.replace(old, "    try:\n        from setuptools.command.bdist_wheel import bdist_wheel as _bdist_wheel\n"
+                   "    except ImportError:\n        from wheel.bdist_wheel import bdist_wheel as _bdist_wheel\n")
+open("setup.py", "w").write(s)
+PYEOF
+  [ -n "${XF_SELECTIVE:-}" ] && export XFORMERS_SELECTIVE_BUILD="$XF_SELECTIVE"
+  # 9.0a, not 9.0: sparse24_gemm_sm90.cu's CUTLASS 3 kernels (wgmma) need the arch-specific target (xformers'
+  # CI builds "8.0 9.0a ..."). Release drops --generate-line-info (RelWithDebInfo is setup.py's default).
+  # setup.py already passes nvcc --threads 4.
+  TORCH_CUDA_ARCH_LIST=9.0a XFORMERS_BUILD_TYPE=Release MAX_JOBS="$JOBS" \
+    "$PY" -m pip install --no-build-isolation --no-deps --no-index --target "$DIR/xformers/site" . || return 1
+  # Check: _C loaded with CUDA metadata, and one call through the dispatcher.
+  cd "$DIR" && PYTHONPATH="$DIR/xformers/site" "$PY" - <<'PYEOF'
+import torch, xformers, xformers.ops as xops
+from xformers import _cpp_lib
+assert _cpp_lib._cpp_library_load_exception is None, _cpp_lib._cpp_library_load_exception
+print("xformers", xformers.__version__, xformers.__file__, _cpp_lib._build_metadata.metadata)
+q = torch.randn(2, 256, 8, 64, device="cuda", dtype=torch.half)
+for op in (xops.fmha.cutlass.FwOp, None):
+    o = xops.memory_efficient_attention_forward(q, q, q, op=op) if op else xops.memory_efficient_attention(q, q, q)
+    r = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, q, q))).transpose(1, 2)
+    print(op.NAME if op else "auto", "max abs err vs sdpa", (o - r).abs().max().item())
+PYEOF
 }
 
 for k in "${WHAT[@]}"; do
