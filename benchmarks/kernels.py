@@ -262,35 +262,29 @@ def run_case(c, dtname, dt, args, dev, bench, peak, infos):
     # auto: the first call measures (autotune), the timing that follows runs the chosen kernel.
     def auto_fn(q, k, v, m):
         return attnpatch.attention_forward(q, k, v, attn_mask=m, is_causal=causal)
-    t0 = time.perf_counter()
-    try:
-        auto_fn(q, k, v, m)
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        first_s = time.perf_counter() - t0
-        e = attnpatch.explain(q, k, v, attn_mask=m, is_causal=causal)
-        a = record("auto", auto_fn, False)
-        a.update(chosen=e.backend, source=e.source, first_call_s=first_s)
-    except Exception as exc:
-        a = dict(error=f"{type(exc).__name__}: {exc}")
-    res["auto"] = a
 
-    # auto with the lossy opt-in, where a lossy backend could serve this shape: against the fastest
-    # eligible backend of any kind (issue 13: within 3% with every kernel installed)
-    measured = {n: r for n, r in res["backends"].items() if "ms" in r}
-    if any(r["lossy"] for r in measured.values()):
+    def measure_auto(key, allow_lossy):  # allow_lossy None: the outer setting (exact unless opted in)
         t0 = time.perf_counter()
         try:
-            with attnpatch.use_backend(allow_lossy=True):
+            with attnpatch.use_backend(allow_lossy=allow_lossy):
                 auto_fn(q, k, v, m)
                 if dev.type == "cuda":
                     torch.cuda.synchronize()
                 first_s = time.perf_counter() - t0
                 e = attnpatch.explain(q, k, v, attn_mask=m, is_causal=causal)
-                al = record("auto_lossy", auto_fn, True)
-            al.update(chosen=e.backend, source=e.source, first_call_s=first_s)
+                r = record(key, auto_fn, bool(allow_lossy))
+            r.update(chosen=e.backend, source=e.source, first_call_s=first_s)
+            return r
         except Exception as exc:
-            al = dict(error=f"{type(exc).__name__}: {exc}")
+            return dict(error=f"{type(exc).__name__}: {exc}")
+
+    a = res["auto"] = measure_auto("auto", None)
+
+    # auto with the lossy opt-in, where a lossy backend could serve this shape: against the fastest
+    # eligible backend of any kind (issue 13: within 3% with every kernel installed)
+    measured = {n: r for n, r in res["backends"].items() if "ms" in r}
+    if any(r["lossy"] for r in measured.values()):
+        al = measure_auto("auto_lossy", True)
         res["auto_lossy"] = al
         best_any = min(measured, key=lambda n: measured[n]["ms"])
         res["fastest_any"] = best_any

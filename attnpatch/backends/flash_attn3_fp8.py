@@ -36,8 +36,8 @@ def quantize_e4m3(x: torch.Tensor, heads_kv: int):
     """``x`` bsnd (b, s, h, d), fp16/bf16 → ``(x8, descale)``: ``x8`` float8_e4m3fn in x's layout, ``descale``
     float32 (b, heads_kv) with ``x ≈ x8 * descale`` for every head of a group."""
     b, _, h, _ = x.shape
-    amax = torch.linalg.vector_norm(x, float("inf"), dim=(1, 3), dtype=torch.float32)  # (b, h)
-    amax = amax.view(b, heads_kv, h // heads_kv).amax(dim=2).clamp_min(_TINY)  # (b, heads_kv)
+    amax = torch.linalg.vector_norm(x, float("inf"), dim=(1, 3))  # (b, h); exact in x's dtype, no copy
+    amax = amax.float().view(b, heads_kv, h // heads_kv).amax(dim=2).clamp_min(_TINY)  # (b, heads_kv)
     # The multiplier is rounded to x's dtype, and the descale is taken from the rounded value, so the two
     # stay exact inverses (a rounded product lands at most 2^-8 above 448, which e4m3 still rounds to 448).
     mult = (E4M3_MAX / amax).to(x.dtype)
