@@ -213,6 +213,20 @@ def test_pack_keys_packs_any_pattern_without_sync():
 
 
 
+
+def test_pack_keys_matches_kept_then_dropped_order_on_random_patterns():
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(100):
+        b, s = int(torch.randint(1, 5, (1,), generator=gen)), int(torch.randint(1, 40, (1,), generator=gen))
+        keep = torch.rand(b, s, generator=gen) > torch.rand(1, generator=gen)
+        k = torch.arange(b * s, dtype=torch.float32).reshape(b, s, 1, 1)
+        kp, _, cu, dead = pack_keys(keep, k, k)
+        used = keep | ~keep.any(1, keepdim=True)  # a row with no key keeps all of them (and is zeroed later)
+        flat = used.reshape(-1)
+        expected = torch.cat([flat.nonzero().flatten(), (~flat).nonzero().flatten()])
+        assert torch.equal(kp.flatten().long(), expected)
+        assert cu.tolist() == [0] + used.sum(1).cumsum(0).tolist() and torch.equal(dead, ~keep.any(1))
+
 # -- translation: FlashAttention 3 fp8 ------------------------------------------------------------------
 
 FA3_FP8_CASES = {

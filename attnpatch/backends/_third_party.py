@@ -185,14 +185,11 @@ def pack_keys(keep: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     b, s_kv = keep.shape
     dead = ~keep.any(dim=1)
     keep = keep | dead[:, None]
-    flat = keep.reshape(-1)
     lengths = keep.sum(dim=1, dtype=torch.int32)
     cu = F.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))
-    total = cu[-1].to(torch.int64)
-    kept_rank = torch.cumsum(flat.to(torch.int64), 0) - 1
-    dropped_rank = total + torch.cumsum((~flat).to(torch.int64), 0) - 1
-    dest = torch.where(flat, kept_rank, dropped_rank)  # where each key goes
-    source = torch.empty_like(dest).scatter_(0, dest, torch.arange(dest.numel(), device=dest.device))
+    # kept keys first, then the dropped ones, each in their order: a stable descending sort of the flags
+    # (a handful of kernel launches: this runs on the host's clock before every masked call)
+    source = torch.argsort(keep.reshape(-1).view(torch.uint8), descending=True, stable=True)
     kp = k.reshape(b * s_kv, *k.shape[2:]).index_select(0, source)
     vp = v.reshape(b * s_kv, *v.shape[2:]).index_select(0, source)
     return kp, vp, cu, dead
