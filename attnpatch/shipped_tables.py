@@ -31,9 +31,10 @@ _SM90_MEASURED = _SM90_EXACT_MEASURED | frozenset({"fp8", "sage", "sage_fp16_tri
 
 
 def _plain_head_dim_128(call: Call) -> bool:
-    """No mask, window, softcap or sinks; head dim 128: the calls the long-sequence rows measured."""
+    """Forward only, no mask, window, softcap or sinks; head dim 128: the calls the long-sequence rows
+    measured (inference; a call that needs gradients is timed, its backward was not ranked)."""
     return (call.mask_kind == "none" and call.head_dim == 128 and call.head_dim_v == 128 and call.window is None
-            and call.softcap is None and not call.sinks)
+            and call.softcap is None and not call.sinks and not call.needs_grad)
 
 
 #: The kinds of call a rule can be limited to (`ShippedRule.calls`).

@@ -682,6 +682,7 @@ def _named(*names):
     (dict(seq_q=4608, seq_kv=4608, mask_kind="bool", mask_shape=(1, 1, 1, 4608), key_padding=True),
      ("sdpa", "sdpa_cudnn", "flash_attn3"), None),
     (dict(seq_q=32760, seq_kv=32760), ("sdpa", "flash_attn3", "flash_attn4"), None),
+    (dict(seq_q=4608, seq_kv=4608, needs_grad=True), ("sdpa", "sdpa_cudnn", "flash_attn3"), None),  # training
     # only torch's kernels: the general rule, torch's own dispatch
     (dict(seq_q=32760, seq_kv=32760), ("sdpa", "sdpa_cudnn", "sdpa_flash"), "sdpa"),
 ])
