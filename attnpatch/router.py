@@ -168,6 +168,12 @@ def _auto_choose(call: Call, env, allow_lossy: bool, reasons: Dict[str, List[str
     whole = full or tune or shipped_tables.has_rule(call)  # these need every eligible backend
     eligible = []
     for b in _auto_candidates(call):
+        if b.LOSSY and not allow_lossy and not full:
+            # without the opt-in a lossy kernel is out whatever its state: not probing it keeps its package
+            # unimported (SageAttention 2's import took 0.28 s of a fresh process's first Flux run on an
+            # H200, 2026-11-30: auto's first run 0.94x stock's, the calibrated recipe's 0.985x)
+            reasons[b.NAME] = [_LOSSY_REASON]
+            continue
         r = _reasons_for(b, call, env)
         if not r and b.LOSSY and not allow_lossy:
             r = [_LOSSY_REASON]
