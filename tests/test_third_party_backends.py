@@ -227,6 +227,85 @@ def test_pack_keys_matches_kept_then_dropped_order_on_random_patterns():
         assert torch.equal(kp.flatten().long(), expected)
         assert cu.tolist() == [0] + used.sum(1).cumsum(0).tolist() and torch.equal(dead, ~keep.any(1))
 
+def _counting_packing_order(monkeypatch):
+    from attnpatch.backends import _third_party
+    made = []
+    real = _third_party.packing_order
+
+    def counted(keep):
+        made.append(keep.clone())
+        return real(keep)
+    monkeypatch.setattr(_third_party, "packing_order", counted)
+    _third_party.clear_key_packings()
+    return made
+
+
+def test_key_packing_is_computed_once_per_mask_and_again_after_an_in_place_write(monkeypatch):
+    from attnpatch.backends._third_party import key_packing, packing_order
+    made = _counting_packing_order(monkeypatch)
+    mask = torch.ones(2, 1, 1, 6, dtype=torch.bool)
+    mask[0, ..., 4:] = False
+    first = key_packing(mask, 2, 6)
+    assert key_packing(mask, 2, 6) is first and len(made) == 1
+    assert key_packing(mask.view(2, 6)[:, None, None, :], 2, 6) is first  # a view of it: same base, same data
+    mask[1, ..., 0] = False  # in place: the version counter moves
+    again = key_packing(mask, 2, 6)
+    assert len(made) == 2 and again is not first
+    expected = packing_order(mask.reshape(2, 6))
+    assert all(torch.equal(a, e) for a, e in zip(again, expected))
+    other = mask.clone()  # equal values, another tensor: computed for it
+    key_packing(other, 2, 6)
+    assert len(made) == 3
+
+
+def test_key_packing_never_serves_another_tensor_from_a_reused_id(monkeypatch):
+    from attnpatch.backends import _third_party
+    made = _counting_packing_order(monkeypatch)
+    a = torch.zeros(1, 1, 1, 5, dtype=torch.bool)
+    a[..., 0] = True
+    _third_party.key_packing(a, 1, 5)
+    b = torch.ones(1, 1, 1, 5, dtype=torch.bool)
+    # as if ``a`` had been freed and ``b`` had got its id: the entry's weak reference is not ``b``
+    _third_party._PACKINGS[id(b)] = _third_party._PACKINGS.pop(id(a))
+    source, cu, dead = _third_party.key_packing(b, 1, 5)
+    assert len(made) == 2 and cu.tolist() == [0, 5]
+
+
+def test_key_packing_keeps_a_bounded_number_of_masks_and_skips_inference_tensors(monkeypatch):
+    from attnpatch.backends import _third_party
+    made = _counting_packing_order(monkeypatch)
+    masks = [torch.rand(1, 1, 1, 8) > 0.5 for _ in range(3 * _third_party.PACKINGS_KEPT)]
+    for m in masks:
+        _third_party.key_packing(m, 1, 8)
+    assert len(_third_party._PACKINGS) == _third_party.PACKINGS_KEPT
+    with torch.inference_mode():
+        m = torch.ones(1, 1, 1, 8, dtype=torch.bool)
+        n = len(made)
+        _third_party.key_packing(m, 1, 8)
+        m[..., :2] = False  # inference tensors have no version counter: never remembered
+        _, cu, _ = _third_party.key_packing(m, 1, 8)
+    assert len(made) == n + 2 and cu.tolist() == [0, 6]
+
+
+def test_flash_attn3_packs_a_shared_mask_once_across_layers(standin, monkeypatch):
+    """A model passes one key-padding mask to every layer: the packing runs for the first call only, and
+    a write into the mask between forwards is seen (H200, 2026-11-30: the packing's host time made the
+    masked call host-bound, docs/GPU_BACKENDS.md)."""
+    standin("flash_attn3")
+    made = _counting_packing_order(monkeypatch)
+    mask = padding_mask(3, 12)[:, None, None, :]
+    for layer in range(4):
+        q, k, v = qkv(b=3, sq=10, skv=12)
+        close(attnpatch.attention_forward(q, k, v, attn_mask=mask, backend="flash_attn3"),
+              reference(q, k, v, attn_mask=mask))
+    assert len(made) == 1
+    mask[0, ..., 5] = False  # the next forward's mask, written in place
+    q, k, v = qkv(b=3, sq=10, skv=12)
+    close(attnpatch.attention_forward(q, k, v, attn_mask=mask, backend="flash_attn3"),
+          reference(q, k, v, attn_mask=mask))
+    assert len(made) == 2 and torch.equal(made[-1], mask.reshape(3, 12))
+
+
 # -- translation: FlashAttention 3 fp8 ------------------------------------------------------------------
 
 FA3_FP8_CASES = {

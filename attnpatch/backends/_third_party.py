@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import weakref
 from typing import Callable, FrozenSet, List, Optional, Tuple
 
 import torch
@@ -172,27 +173,81 @@ def key_padding_keep(mask: torch.Tensor, batch: int, s_kv: int) -> torch.Tensor:
     return mask.expand(batch, 1, 1, s_kv).reshape(batch, s_kv)
 
 
-def pack_keys(keep: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-    """Pack the kept keys of each batch row back to back for a varlen kernel, without a host sync.
-
-    ``keep`` is (b, s_kv) bool (any pattern, not only a prefix); ``k``/``v`` are (b, s_kv, h, d). Returns
-    ``(k_packed, v_packed, cu_seqlens_k, dead)``: the packed tensors have b*s_kv rows, of which the
-    first ``cu_seqlens_k[-1]`` are the kept keys in order (row 0's, then row 1's, …) and the rest are
-    the dropped keys, which no sequence refers to. ``dead`` marks rows with no kept key at all; those
-    rows keep *all* their keys here (so the kernel never sees an empty sequence) and the caller must
-    zero their output.
-    """
-    b, s_kv = keep.shape
+def packing_order(keep: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(source, cu_seqlens_k, dead)`` for packing the kept keys of ``keep`` ((b, s_kv) bool, any pattern)
+    back to back, without a host sync: ``source`` (b*s_kv,) orders the flattened keys kept-first (row 0's,
+    then row 1's, …), then the dropped ones; ``cu_seqlens_k`` (b+1,) int32 are the kept counts' offsets;
+    ``dead`` (b,) marks rows with no kept key, which keep *all* their keys here (the kernel never sees an
+    empty sequence) and whose output the caller must zero."""
     dead = ~keep.any(dim=1)
     keep = keep | dead[:, None]
     lengths = keep.sum(dim=1, dtype=torch.int32)
     cu = F.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))
     # kept keys first, then the dropped ones, each in their order: a stable descending sort of the flags
-    # (a handful of kernel launches: this runs on the host's clock before every masked call)
     source = torch.argsort(keep.reshape(-1).view(torch.uint8), descending=True, stable=True)
-    kp = k.reshape(b * s_kv, *k.shape[2:]).index_select(0, source)
-    vp = v.reshape(b * s_kv, *v.shape[2:]).index_select(0, source)
-    return kp, vp, cu, dead
+    return source, cu, dead
+
+
+def pack_keys(keep: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """Pack the kept keys of each batch row back to back for a varlen kernel, without a host sync.
+
+    ``keep`` is (b, s_kv) bool (any pattern, not only a prefix); ``k``/``v`` are (b, s_kv, h, d). Returns
+    ``(k_packed, v_packed, cu_seqlens_k, dead)``: the packed tensors have b*s_kv rows, of which the
+    first ``cu_seqlens_k[-1]`` are the kept keys in order and the rest the dropped keys, which no
+    sequence refers to (`packing_order`).
+    """
+    source, cu, dead = packing_order(keep)
+    return _gather_keys(source, k), _gather_keys(source, v), cu, dead
+
+
+def _gather_keys(source: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """(b, s_kv, h, d) -> (b*s_kv, h, d) rows in ``source``'s order."""
+    return t.reshape(t.shape[0] * t.shape[1], *t.shape[2:]).index_select(0, source)
+
+
+#: `key_packing`'s results per mask tensor: id(root tensor) -> (weakref to it, version, geometry, value).
+_PACKINGS: dict = {}
+#: Masks remembered at once (a model passes one mask to all its layers; a few for CFG and batches).
+PACKINGS_KEPT = 8
+
+
+def _cacheable(mask: torch.Tensor) -> bool:
+    if torch.compiler.is_compiling() or mask.is_inference():  # inference tensors have no version counter
+        return False
+    return not (mask.is_cuda and torch.cuda.is_current_stream_capturing())  # a graph keeps its own
+
+
+def key_packing(mask: torch.Tensor, batch: int, s_kv: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`packing_order` of a key-padding mask (viewed as (b or 1, 1, 1, s_kv), bool, True = attend),
+    computed once per mask tensor and reused while the tensor is unchanged.
+
+    A model builds its mask once per forward and passes the same tensor to every layer, and the packing
+    is a dozen small kernels whose launches cost more host time than the attention kernel's GPU time
+    (H200, HunyuanVideo's joint shape, 2026-11-30: 0.38-0.48 ms of host per call against FlashAttention 3's
+    0.37 ms, which made the masked call host-bound at 0.6-1.0 ms; docs/GPU_BACKENDS.md). The result is
+    reused only for the very same tensor object (or a view of it: the entry holds a weak reference to the
+    base) whose version counter has not moved, i.e. no in-place write since; never inside a CUDA-graph
+    capture, a torch.compile trace or for inference-mode tensors (no version counter), which compute it
+    afresh. Writes that bypass torch (into ``data_ptr()`` from another library) are not seen.
+    """
+    if not _cacheable(mask):
+        return packing_order(key_padding_keep(mask, batch, s_kv))
+    root = mask if mask._base is None else mask._base
+    geometry = (tuple(mask.shape), mask.stride(), mask.storage_offset(), batch, s_kv)
+    version = mask._version
+    hit = _PACKINGS.get(id(root))
+    if hit is not None and hit[0]() is root and hit[1] == version and hit[2] == geometry:
+        return hit[3]
+    value = packing_order(key_padding_keep(mask, batch, s_kv))
+    if len(_PACKINGS) >= PACKINGS_KEPT and id(root) not in _PACKINGS:
+        _PACKINGS.pop(next(iter(_PACKINGS)))
+    _PACKINGS[id(root)] = (weakref.ref(root), version, geometry, value)
+    return value
+
+
+def clear_key_packings() -> None:
+    """Forget every remembered packing (tests)."""
+    _PACKINGS.clear()
 
 
 def query_cu_seqlens(batch: int, s_q: int, device) -> torch.Tensor:
@@ -211,7 +266,8 @@ def version_of(package: str) -> Optional[str]:
         return None
 
 
-__all__ = ["ThirdPartyBackend", "register_op", "causal_plan", "key_padding_keep", "pack_keys",
+__all__ = ["ThirdPartyBackend", "register_op", "causal_plan", "key_padding_keep", "pack_keys", "packing_order",
+           "key_packing", "clear_key_packings",
            "query_cu_seqlens", "first_output", "describe_import_error", "version_at_least", "version_of"]
 
 
@@ -240,8 +296,8 @@ def run_flash_api(fa, q, k, v, mask, is_causal, kwargs):
             kwargs["window_size"] = (-1, right)
     if mask is None:
         return first_output(fa.flash_attn_func(q, k, v, **kwargs))
-    keep = key_padding_keep(mask, b, s_kv)
-    kp, vp, cu_k, dead = pack_keys(keep, k, v)
+    source, cu_k, dead = key_packing(mask, b, s_kv)
+    kp, vp = _gather_keys(source, k), _gather_keys(source, v)
     out = first_output(fa.flash_attn_varlen_func(
         q.reshape(b * s_q, *q.shape[2:]), kp, vp, query_cu_seqlens(b, s_q, q.device), cu_k, s_q, s_kv,
         **kwargs))
