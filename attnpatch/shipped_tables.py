@@ -25,7 +25,10 @@ _TORCH_EXACT = frozenset({"sdpa", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", 
 #: are eligible only under the lossy opt-in, so a rule preferring one never runs it without the opt-in).
 #: The lossy ones were compared at every shape but ranked only at video lengths, so only the video rules
 #: cover them; elsewhere the opt-in makes auto time the candidates.
-_SM90_EXACT_MEASURED = _TORCH_EXACT | frozenset({"flash_attn", "flash_attn3"})
+#: xFormers 0.0.35 (built from source on the box) runs no kernel of its own: FlashAttention 3 when it imports
+#: (0.366 vs 0.368 ms at Flux 1024², the same kernel), else torch's (0.78 ms there, behind cuDNN's 0.42)
+#: (H200, 2026-11-30, sixth run).
+_SM90_EXACT_MEASURED = _TORCH_EXACT | frozenset({"flash_attn", "flash_attn3", "xformers"})
 _SM90_MEASURED = _SM90_EXACT_MEASURED | frozenset({"fp8", "sage", "sage_fp16_triton", "sage_fp16_cuda",
                                                    "sage_fp8_cuda_sm90"})
 

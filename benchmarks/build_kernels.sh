@@ -29,9 +29,10 @@
 #   include/ and tools/util/include/ (DIR/xformers-cutlass-8afb19d.tar.gz, its pinned commit, else the
 #   kept cutlass-*-include tarball). Its extension holds no attention kernels: on CUDA its dispatcher runs
 #   FlashAttention 3 / 2 when they import, else torch's own efficient and flash kernels; the extension is
-#   needed only because without it every CUDA op refuses. 11 .cu + 2 .cpp units; estimated 2-5 min with
-#   16 jobs (XF_SELECTIVE=nvcc_info: one unit, enough for memory_efficient_attention). NOT YET RUN on the
-#   box. Keep the shrunk FA2/FA3 builds off PYTHONPATH when measuring it (xformers tries them first).
+#   needed only because without it every CUDA op refuses. 11 .cu + 2 .cpp units: 140 s with 16 jobs (H200
+#   box, 2026-11-30, after SageAttention 2's build; XF_SELECTIVE=nvcc_info: one unit, enough for
+#   memory_efficient_attention). Keep the FA2/FA3 builds off PYTHONPATH to measure xformers' own path (its
+#   dispatcher tries them first).
 set -u
 DIR="${1:?usage: build_kernels.sh DIR [sage2] [fa3] [fa2] [fa4] [xformers]}"
 shift

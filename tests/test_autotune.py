@@ -672,6 +672,7 @@ def _named(*names):
     # no opt-in (no lossy backend eligible): FlashAttention 3 from 4608 tokens, causal too
     (dict(seq_q=32760, seq_kv=32760), ("sdpa", "sdpa_cudnn", "flash_attn", "flash_attn3"), "flash_attn3"),
     (dict(seq_q=4608, seq_kv=4608), ("sdpa", "sdpa_cudnn", "flash_attn3"), "flash_attn3"),
+    (dict(seq_q=4608, seq_kv=4608), ("sdpa", "sdpa_cudnn", "xformers", "flash_attn3"), "flash_attn3"),
     (dict(seq_q=8192, seq_kv=8192, is_causal=True, heads_kv=2), ("sdpa", "sdpa_cudnn", "flash_attn3"), "flash_attn3"),
     # lossy opt-in below video lengths, or causal: the lossy kernels were not ranked there, so auto times
     (dict(seq_q=4608, seq_kv=4608), ("sdpa", "flash_attn3", "sage_fp8_cuda_sm90"), None),

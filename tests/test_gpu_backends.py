@@ -292,17 +292,25 @@ def test_backends_state_on_the_box():
 
 
 def test_xformers_built_for_another_torch_is_unavailable_with_the_real_reason():
+    """An xformers whose extension was built for another torch (PyPI's 0.0.35 wheel: torch 2.10 + CUDA 12.8)
+    is unavailable with xformers' own message; one built for this torch (benchmarks/build_kernels.sh
+    xformers, H200 2026-11-30) is available."""
     import importlib.metadata
     try:
-        ver = importlib.metadata.version("xformers")
+        importlib.metadata.version("xformers")
     except importlib.metadata.PackageNotFoundError:
         pytest.skip("xformers is not installed on this machine")
     info = {i.name: i for i in attnpatch.backends()}["xformers"]
-    if ver == "0.0.35" and torch.__version__.startswith("2.11"):
+    from xformers import _cpp_lib
+    meta = getattr(_cpp_lib, "_build_metadata", None)
+    built_for = getattr(meta, "metadata", {}).get("version", {}).get("torch") if meta is not None else None
+    if built_for is not None and built_for.split("+")[0] == torch.__version__.split("+")[0]:
+        assert info.available, info.why_not
+    elif built_for is not None:
         assert not info.available
         assert "NotImplementedError" in info.why_not or "did not load" in info.why_not, info.why_not
     else:
-        pytest.skip(f"xformers {ver} with torch {torch.__version__}: not the known-broken pairing")
+        pytest.skip(f"xformers' build metadata is not readable here ({meta!r})")
 
 
 def test_sage_accuracy_floor():
