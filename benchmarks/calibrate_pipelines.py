@@ -294,7 +294,10 @@ def _compare(a_path: str, b_path: str) -> Dict[str, Any]:
 def run_model(name: str, args, deadline: float, tmp: str) -> Dict[str, Any]:
     res: Dict[str, Any] = {"model": name, "description": DESCRIPTIONS[name], "variants": {}}
     left = deadline - time.monotonic()
-    if left < 60:
+    given = getattr(args, "calibrated_recipe", None)
+    if given:
+        res["calibration"] = {"skipped": f"recipe given: {given} (--calibrated-recipe)"}
+    elif left < 60:
         res["calibration"] = {"skipped": "time budget (--budget-s) spent"}
     else:
         got, err = _child(args, ["--child", "calibrate", "--model", name], left)
@@ -310,7 +313,7 @@ def run_model(name: str, args, deadline: float, tmp: str) -> Dict[str, Any]:
             for c in doc["choices"]:
                 lossy[c["backend"]] = lossy.get(c["backend"], 0) + 1
             res["calibration"]["site_steps_per_backend"] = lossy
-    recipe = os.path.join(args.out, f"{name}-calibrated.yaml")
+    recipe = given or os.path.join(args.out, f"{name}-calibrated.yaml")
     variants = [v for v in args.variants.split(",") if v in VARIANTS[name] + ["auto"]] if args.variants else VARIANTS[name]
     for v in variants:
         if v == "wan-lossy" and name != "wan":
@@ -430,6 +433,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--budget-s", type=float, default=470.0, help="skip what no longer fits after this many seconds")
     p.add_argument("--small", action="store_true", help="tiny configs on the CPU (or GPU): checks the script")
     p.add_argument("--keep-outputs", metavar="DIR", help="keep the children's decoded outputs here")
+    p.add_argument("--calibrated-recipe", metavar="YAML",
+                   help="time this recipe as the calibrated variant instead of calibrating (one --models only)")
     p.add_argument("--fresh-caches", action="store_true",
                    help="give each timing child empty Triton and attnpatch caches (default: the machine's, which "
                         "the calibration has filled: the first run of a user who calibrated here)")
@@ -465,6 +470,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not cuda and not args.small:
         p.error("real-size runs need a CUDA GPU; use --small to check the script on the CPU")
     names = [n.strip() for n in args.models.split(",") if n.strip()]
+    if args.calibrated_recipe and len(names) != 1:
+        p.error("--calibrated-recipe names one model's recipe: give one --models")
+    if args.calibrated_recipe and not os.path.exists(args.calibrated_recipe):
+        p.error(f"--calibrated-recipe {args.calibrated_recipe}: no such file")
     for n in names:
         if n not in BUILDERS:
             p.error(f"unknown model {n!r}; choose from {', '.join(BUILDERS)}")
