@@ -50,7 +50,9 @@ class FlashAttnBackend(ThirdPartyBackend):
     CUDA_MIN_CAPABILITY = (8, 0)
     ARCH_NOTE = "FlashAttention 2 needs Ampere or newer"
     NATIVE_LAYOUT = "bsnd"
-    # sm90: cuDNN (10) measured ~1.8x faster than FA2 (DESIGN.md); FA2 is torch's sdpa_flash kernel's twin.
+    # sm90 measured (H200, 2026-11-30, docs/GPU_BACKENDS.md, fifth run): slower than cuDNN and FA3 on every
+    # row (Flux 0.719 vs 0.439 / 0.396 ms), about torch's sdpa_flash kernel, its twin. "cuda": an estimate
+    # from the same ordering (Ampere and Ada not measured).
     AUTO_PRIORITY = {"cuda_sm90": 15, "cuda": 15}
     TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 

@@ -29,6 +29,9 @@ class SageBackend(SageFamily):
     HEAD_DIM_MULTIPLE = 32  # 1.x: 64, 96, 128
     CUDA_MIN_CAPABILITY = (8, 0)
     ARCH_NOTE = "SageAttention's int8 kernels need Ampere or newer"
+    # sm90 measured (H200, 2026-11-26 and 2026-11-30, docs/GPU_BACKENDS.md): lossy, and slower than cuDNN up to
+    # SDXL's and Flux's lengths (0.787 vs 0.413 ms at Flux 1024²); lossy opt-in only, behind the exact kernels.
+    # "cuda": an estimate.
     AUTO_PRIORITY = {"cuda_sm90": 60, "cuda": 60}
 
     kernel = staticmethod(make_sage_kernel("sageattn", presmooth_k=True))

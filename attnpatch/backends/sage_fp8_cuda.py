@@ -24,6 +24,7 @@ class SageFp8CudaBackend(SageFamily):
     CUDA_CAPABILITIES = frozenset({(8, 9), (12, 0)})
     ARCH_NOTE = "the fp8 mma.sync kernel is built for sm89 and sm120"
     # Opt-in only (lossy): ranked before the exact kernels on the GPUs upstream's own sageattn picks it for.
+    # Estimates from upstream's dispatch (sm89, sm120): not measured (no such card on the project's boxes).
     AUTO_PRIORITY = {"cuda_sm89": 5, "cuda_sm120": 5}
 
     kernel = staticmethod(make_sage_kernel("sageattn_qk_int8_pv_fp8_cuda", presmooth_k=False, **{"qk_quant_gran": "per_warp", "pv_accum_dtype": "fp32+fp32"}))

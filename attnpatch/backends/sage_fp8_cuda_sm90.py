@@ -24,6 +24,8 @@ class SageFp8CudaSm90Backend(SageFamily):
     CUDA_CAPABILITIES = frozenset({(9, 0)})
     ARCH_NOTE = "the wgmma kernel exists for Hopper (sm90) only"
     # Opt-in only (lossy): ranked before the exact kernels on the GPUs upstream's own sageattn picks it for.
+    # Measured on an H200 (2026-11-30, docs/GPU_BACKENDS.md): the fastest lossy kernel auto may take at Wan's
+    # video lengths (28.2 vs cuDNN's 38.6 ms), slower than cuDNN up to 8192 keys, where auto's timing decides.
     AUTO_PRIORITY = {"cuda_sm90": 5}
 
     kernel = staticmethod(make_sage_kernel("sageattn_qk_int8_pv_fp8_cuda_sm90", presmooth_k=False, **{"pv_accum_dtype": "fp32+fp32"}))
