@@ -94,11 +94,14 @@ def _kernel_profile(model, ids, new_tokens, **kw) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _compiled_interleaved(model, ids, new_tokens, device, rounds) -> dict:
+def _compiled_interleaved(model, ids, new_tokens, device, rounds, control=False) -> dict:
     """Static cache + transformers' own compiled decoding, stock and attnpatch in alternation: a second
     copy of the model (same weights) is patched, both are compiled by their first ``generate`` and
-    warmed, then each round times one ``generate`` of each. (Switching one model between patched and
-    stock would recompile at every switch.) Rows: median seconds, ms/token, and the ratio."""
+    warmed, then each round times one ``generate`` of each, the order rotating from round to round.
+    (Switching one model between patched and stock would recompile at every switch.) With ``control``,
+    a third copy, unpatched ("stock copy"), runs in the same rotation: its ratio to stock is what a second
+    compiled copy costs by itself (an A/A test), the floor under attnpatch's ratio. Rows: median seconds,
+    ms/token, and the ratio."""
     import copy
 
     import torch._dynamo as dynamo
@@ -108,12 +111,16 @@ def _compiled_interleaved(model, ids, new_tokens, device, rounds) -> dict:
         if attr in vars(model):
             delattr(model, attr)
     patched = copy.deepcopy(model)
+    runs = [("stock", model), ("attnpatch", patched)]
+    if control:
+        runs.append(("stock copy", copy.deepcopy(model)))
     patch = attnpatch.apply(patched)
-    times = {"stock": [], "attnpatch": []}
+    times = {who: [] for who, _ in runs}
     outs = {}
     try:
         for i in range(rounds + 2):  # two untimed rounds: compilation, CUDA graph recording
-            for who, m in (("stock", model), ("attnpatch", patched)):
+            k = i % len(runs)
+            for who, m in runs[k:] + runs[:k]:
                 sync(device)
                 t0 = time.perf_counter()
                 with torch.no_grad():
@@ -125,13 +132,13 @@ def _compiled_interleaved(model, ids, new_tokens, device, rounds) -> dict:
         decisions = sorted({str(row.compiled) for row in patch.report().rows})
     finally:
         patch.remove()
-        del patched
+        del patched, runs
     med = {who: statistics.median(t) for who, t in times.items()}
     out = {}
-    for who in ("stock", "attnpatch"):
+    for who in times:
         out[f"static cache + reduce-overhead, interleaved / {who}"] = {
             "first_s": None, "median_s": med[who], "ms_per_token": med[who] / new_tokens * 1e3,
-            "times_s": times[who], "rounds": rounds}
+            "times_s": times[who], "rounds": rounds, "vs_stock": med[who] / med["stock"]}
     out["static cache + reduce-overhead, interleaved / attnpatch"].update(
         identical_to_stock_static=bool(torch.equal(outs["stock"], outs["attnpatch"])), compiled_decisions=decisions)
     return out
@@ -205,6 +212,8 @@ def main(argv=None) -> int:
     p.add_argument("--compiled-interleaved", type=int, default=0, metavar="ROUNDS",
                    help="also time the compiled static-cache rows in alternation (stock / attnpatch on two "
                    "copies of the model), ROUNDS rounds after two untimed ones")
+    p.add_argument("--compiled-control", action="store_true", help="with --compiled-interleaved: a third, unpatched "
+                   "copy in the rotation (A/A: what a second compiled copy costs by itself)")
     p.add_argument("--profile-compiled", action="store_true", help="also write the CUDA kernels of one static-"
                    "cache generate per compiled row (profile_static_<model>_<who>.txt)")
     p.add_argument("--append", action="store_true", help="keep the rows of an earlier run's generate_timing.json in --out")
@@ -316,7 +325,8 @@ def main(argv=None) -> int:
                         patch.remove()
                 save()
         if args.row is None and args.compiled_interleaved and name in args.compiled.split(","):
-            rows.update(_compiled_interleaved(model, ids, args.new_tokens, device, args.compiled_interleaved))
+            rows.update(_compiled_interleaved(model, ids, args.new_tokens, device, args.compiled_interleaved,
+                                              control=args.compiled_control))
             save()
         print(name, json.dumps(rows, indent=1), flush=True)
         del model
