@@ -228,7 +228,8 @@ def key_packing(mask: torch.Tensor, batch: int, s_kv: int) -> Tuple[torch.Tensor
     reused only for the very same tensor object (or a view of it: the entry holds a weak reference to the
     base) whose version counter has not moved, i.e. no in-place write since; never inside a CUDA-graph
     capture, a torch.compile trace or for inference-mode tensors (no version counter), which compute it
-    afresh. Writes that bypass torch (into ``data_ptr()`` from another library) are not seen.
+    afresh. Writes that bypass the version counter (through ``.data``, or into ``data_ptr()`` from another
+    library) are not seen.
     """
     if not _cacheable(mask):
         return packing_order(key_padding_keep(mask, batch, s_kv))
