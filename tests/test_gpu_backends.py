@@ -114,6 +114,16 @@ def _dead_rows(q, kw):
     return ~keep.expand(q.shape[0], q.shape[1], q.shape[2], keep.shape[-1]).any(-1)
 
 
+def _strict_or_refused(name, q, k, v, kw, rows, dtype, case):
+    """The output of ``name`` alone on the call, or None after recording its refusal in ``rows``."""
+    try:
+        with attnpatch.use_backend(name, strict=True):
+            return attnpatch.attention_forward(q, k, v, **kw)
+    except attnpatch.BackendUnsupportedError as exc:
+        rows.append(dict(dtype=str(dtype), case=case, refused=str(exc).splitlines()[2:3]))
+        return None
+
+
 @pytest.mark.parametrize("name", [n for n in ALL_NAMES if n not in LONG_ONLY])
 def test_accuracy_matrix(name):
     """Each backend, where eligible, within 2x the math kernel's error (+ a small absolute term) of the
@@ -128,11 +138,8 @@ def test_accuracy_matrix(name):
     for dtype in dtypes:
         for case in cases:
             q, k, v, kw = make_case(case, dtype)
-            try:
-                with attnpatch.use_backend(name, strict=True):
-                    out = attnpatch.attention_forward(q, k, v, **kw)
-            except attnpatch.BackendUnsupportedError as exc:
-                rows.append(dict(dtype=str(dtype), case=case, refused=str(exc).splitlines()[2:3]))
+            out = _strict_or_refused(name, q, k, v, kw, rows, dtype, case)
+            if out is None:
                 continue
             ran += 1
             ref = reference(q, k, v, **kw)
@@ -150,6 +157,44 @@ def test_accuracy_matrix(name):
                 failures.append(rows[-1])
     _dump(f"accuracy_{name}.json", rows)
     assert ran > 0, f"{name}: every case was refused: {rows}"
+    assert not failures, failures
+
+
+#: sliding windows and softcap on the flash-attn backends: (s_q, s_kv, kwargs)
+FEATURE_CASES = {
+    "prefill_causal_window": (256, 256, dict(is_causal=True, window=(64, None))),
+    "band": (256, 256, dict(window=(32, 16))),
+    "kv_longer_causal_window": (64, 256, dict(is_causal=True, window=(48, None))),
+    "q_longer_left_window": (256, 96, dict(window=(40, None))),
+    "softcap": (256, 256, dict(softcap=20.0)),
+    "softcap_causal_window": (256, 256, dict(is_causal=True, window=(64, None), softcap=20.0)),
+}
+
+
+@pytest.mark.parametrize("name", ["flash_attn", "flash_attn3"])
+def test_flash_windows_and_softcap(name):
+    """flash-attn's window_size and softcap through attnpatch's translation, against the fp64 eager
+    reference within 2x the math path's error (the math path takes windows as a mask, and softcap not)."""
+    b = registry.get_backend(name)
+    if not b.available:
+        pytest.skip(f"{name} unavailable: {'; '.join(b.availability())}")
+    rows, failures = [], []
+    for dtype in DTYPES:
+        for case, (sq, skv, kw) in FEATURE_CASES.items():
+            g = torch.Generator(device="cuda").manual_seed(sum(map(ord, case)))
+            q = torch.randn(2, 8, sq, 64, device="cuda", dtype=dtype, generator=g)
+            k, v = (torch.randn(2, 8, skv, 64, device="cuda", dtype=dtype, generator=g) for _ in range(2))
+            out = _strict_or_refused(name, q, k, v, kw, rows, dtype, case)
+            if out is None:
+                continue
+            ref = reference(q, k, v, **kw)
+            exact = attnpatch.attention_forward(q, k, v, backend="eager", **kw)  # same rounding of inputs
+            err, eager_err = relerr(out, ref), relerr(exact, ref)
+            bound = 2 * eager_err + 1e-3
+            rows.append(dict(dtype=str(dtype), case=case, relerr=err, eager_relerr=eager_err, bound=bound))
+            if not (torch.isfinite(out).all() and err <= bound):
+                failures.append(rows[-1])
+    _dump(f"features_{name}.json", rows)
     assert not failures, failures
 
 

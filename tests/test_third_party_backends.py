@@ -56,6 +56,9 @@ def _as_if_cuda_were_there(monkeypatch):
     first say "no CUDA device" (tested in test_no_cuda_is_a_reason_of_cuda_only_backends)."""
     from attnpatch import registry
     monkeypatch.setattr(registry, "_CUDA_AVAILABLE", [True])
+    yield
+    for b in registry.all_backends():  # probes cached while CUDA seemed there would outlive the test
+        b.reset_probe()
 
 
 def test_no_cuda_is_a_reason_of_cuda_only_backends(monkeypatch):
@@ -304,6 +307,123 @@ def test_flash_attn3_packs_a_shared_mask_once_across_layers(standin, monkeypatch
     close(attnpatch.attention_forward(q, k, v, attn_mask=mask, backend="flash_attn3"),
           reference(q, k, v, attn_mask=mask))
     assert len(made) == 2 and torch.equal(made[-1], mask.reshape(3, 12))
+
+
+# -- sliding windows and softcapping on flash-attn 2 / 3 ---------------------------------------------------
+
+def test_window_plan_matches_top_left_windows_exhaustively():
+    """Every small shape and window: the plan run with flash-attn's bottom-right window semantics (and the
+    edges each API turns into -1) keeps exactly the keys of attnpatch's top-left window."""
+    from attnpatch.backends._third_party import window_plan
+    from standins import _fa2_window, _fa3_window, _fa_keep
+    for s_q in range(1, 8):
+        for s_kv in range(1, 8):
+            for left in (None, 0, 1, 3):
+                for right in (None, 0, 1, 3):
+                    i, j = torch.arange(s_q)[:, None], torch.arange(s_kv)[None, :]
+                    want = torch.ones(s_q, s_kv, dtype=torch.bool)
+                    if left is not None:
+                        want &= j >= i - left
+                    if right is not None:
+                        want &= j <= i + right
+                    keys, rows, win = window_plan(s_q, s_kv, left, right)
+                    assert min(win) >= -1 and (left is None or win[0] >= 0) and (right is None or win[1] >= 0)
+                    fa3 = torch.zeros(s_q, s_kv, dtype=torch.bool)
+                    fa3[:rows, :keys] = _fa_keep(rows, keys, False, _fa3_window(win, rows, keys), "cpu")[0]
+                    assert torch.equal(fa3, want), (s_q, s_kv, left, right, keys, rows, win)
+                    if right is not None and s_q > s_kv:
+                        continue  # FlashAttention 2 refuses these (window_reasons)
+                    fa2 = torch.zeros(s_q, s_kv, dtype=torch.bool)
+                    fa2[:rows, :keys] = _fa_keep(rows, keys, False, _fa2_window(win, keys), "cpu")[0]
+                    assert torch.equal(fa2, want), (s_q, s_kv, left, right, keys, rows, win)
+
+
+WINDOW_CASES = {
+    "prefill_causal_left": dict(sq=16, skv=16, is_causal=True, window=(4, None)),
+    "prefill_band": dict(sq=16, skv=16, window=(3, 2)),
+    "right_only": dict(sq=12, skv=12, window=(None, 1)),
+    "kv_longer_causal_left": dict(sq=6, skv=16, is_causal=True, window=(4, None)),
+    "kv_longer_band": dict(sq=6, skv=16, window=(3, 5)),
+    "q_longer_left_only": dict(sq=16, skv=6, window=(2, None)),
+    "q_longer_band": dict(sq=16, skv=6, window=(2, 3)),
+    "softcap": dict(sq=12, skv=12, softcap=5.0),
+    "softcap_causal_window": dict(sq=12, skv=12, is_causal=True, window=(3, None), softcap=5.0),
+    "softcap_key_padding": dict(sq=12, skv=12, softcap=5.0, mask=True),
+    "softcap_gqa_bsnd": dict(sq=10, skv=14, hq=4, hkv=2, softcap=2.0, layout="bsnd"),
+}
+
+
+def _eager_reference(q, k, v, layout, **kw):
+    return attnpatch.attention_forward(q.double(), k.double(), v.double(), layout=layout, backend="eager", **kw)
+
+
+@pytest.mark.parametrize("case", list(WINDOW_CASES))
+@pytest.mark.parametrize("name", ["flash_attn", "flash_attn3"])
+def test_flash_attn_serves_windows_and_softcap(standin, name, case):
+    standin(name)
+    c = dict(WINDOW_CASES[case])
+    layout = c.pop("layout", "bnsd")
+    kw = {key: c.pop(key) for key in ("is_causal", "window", "softcap") if key in c}
+    q, k, v = qkv(b=3, d=16, layout=layout, **{key: c.pop(key) for key in ("sq", "skv", "hq", "hkv") if key in c})
+    if c.pop("mask", False):
+        kw["attn_mask"] = padding_mask(3, k.shape[2] if layout == "bnsd" else k.shape[1])
+    if name == "flash_attn" and case == "q_longer_band":
+        e = attnpatch.explain(q, k, v, layout=layout, **kw)
+        assert any("FlashAttention 2 drops a right window edge" in r for r in e.reasons["flash_attn"]), e.reasons
+        return
+    out = attnpatch.attention_forward(q, k, v, layout=layout, backend=name, **kw)
+    assert attnpatch.stats().calls == {name: 1}, attnpatch.stats()  # served there, not a fallback
+    close(out, _eager_reference(q, k, v, layout, **kw))
+    if "softcap" in kw:
+        assert CALLS[-1][1]["softcap"] == kw["softcap"]
+    if "window" in kw:
+        assert CALLS[-1][1]["causal"] is False and -1 <= min(CALLS[-1][1]["window_size"])
+
+
+@pytest.mark.parametrize("name", ["flash_attn", "flash_attn3"])
+def test_flash_attn_refuses_a_window_with_a_mask_with_the_reason(standin, name):
+    standin(name)
+    q, k, v = qkv(b=3, sq=12, skv=12, d=16)
+    e = attnpatch.explain(q, k, v, window=(2, None), attn_mask=padding_mask(3, 12))
+    assert any("moves their positions" in r for r in e.reasons[name]), e.reasons[name]
+    assert not e.reasons["eager"]  # what serves it instead
+
+
+def test_flash_attn3_refuses_softcap_on_a_build_without_its_kernels(standin):
+    standin("flash_attn3")
+    backend = registry.get_backend("flash_attn3")
+    backend.softcap_missing = "this flash_attn_3 build has no softcap kernels (...)"
+    try:
+        q, k, v = qkv(b=2, sq=8, skv=8, d=16)
+        assert "this flash_attn_3 build has no softcap kernels (...)" in attnpatch.explain(
+            q, k, v, softcap=5.0).reasons["flash_attn3"]
+        assert not attnpatch.explain(q, k, v).reasons["flash_attn3"]
+    finally:
+        backend.softcap_missing = None
+
+
+@pytest.mark.parametrize("name", ["flash_attn", "flash_attn3"])
+def test_windows_and_softcap_compile_and_differentiate_through_the_custom_op(standin, name):
+    standin(name)
+    torch._dynamo.reset()
+    q, k, v = qkv(b=2, hq=4, hkv=2, sq=12, skv=12, d=16)
+    kw = dict(is_causal=True, window=(3, None), softcap=5.0)
+    grad = torch.randn(2, 4, 12, 16, dtype=torch.float64)
+    ref_in = [t.double().requires_grad_() for t in (q, k, v)]
+    attnpatch.attention_forward(*ref_in, backend="eager", **kw).backward(grad)
+
+    def f(q, k, v):
+        return attnpatch.attention_forward(q, k, v, backend=name, **kw)
+
+    for fn in (f, torch.compile(f, fullgraph=True, backend="aot_eager")):
+        ins = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = fn(*ins)
+        close(out, _eager_reference(q, k, v, "bnsd", **kw))
+        out.backward(grad.half())
+        for got, want in zip(ins, ref_in):
+            torch.testing.assert_close(got.grad.double(), want.grad, atol=1e-2, rtol=1e-2)
+    from attnpatch.router import compiled_decisions_of
+    assert name in compiled_decisions_of(None)
 
 
 # -- translation: FlashAttention 3 fp8 ------------------------------------------------------------------

@@ -129,17 +129,28 @@ class ThirdPartyBackend(Backend):
         return _custom_ops.OPS[self.NAME]
 
     def build(self, call: Call):
+        # a sliding window and softcapping are fixed per plan; only backends declaring them get calls with them
+        window, softcap = _custom_ops.encode_window(call.window), call.softcap
         if call.compiling:
             op = self.op()
+            if window is None and softcap is None:
+                def run(q, k, v, m, c, s, p):
+                    return op(q, k, v, m, c, s, p)
+                return run
 
-            def run(q, k, v, m, c, s, p):
-                return op(q, k, v, m, c, s, p)
+            def run(q, k, v, m, c, s, p):  # noqa: F811
+                return op(q, k, v, m, c, s, p, window, softcap)
             return run
         module = importlib.import_module(self.MODULE)
         kernel = type(self).kernel
+        if window is None and softcap is None:
+            def run(q, k, v, m, c, s, p):  # noqa: F811 - eager: call the library directly
+                return kernel(module, q, k, v, m, c, s, p)
+            return run
+        feats = _custom_ops.features(window, softcap)
 
-        def run(q, k, v, m, c, s, p):  # noqa: F811 - eager: call the library directly
-            return kernel(module, q, k, v, m, c, s, p)
+        def run(q, k, v, m, c, s, p):  # noqa: F811
+            return kernel(module, q, k, v, m, c, s, p, **feats)
         return run
 
 
@@ -166,6 +177,39 @@ def causal_plan(s_q: int, s_kv: int) -> Tuple[Optional[int], bool, Optional[int]
     if s_kv > s_q:
         return s_q, True, None
     return None, False, s_q - s_kv
+
+
+def window_plan(s_q: int, s_kv: int, left: Optional[int], right: Optional[int]) -> Tuple[int, int, Tuple[int, int]]:
+    """Translate attnpatch's sliding window (top-left aligned like SDPA's causal: query i sees keys
+    ``i - left <= j <= i + right``, None = unbounded, causal folded in as ``right <= 0``; both >= 0 here)
+    for flash-attn, whose ``window_size=(l, r)`` is anchored bottom-right (query i sees keys
+    ``i + s_kv - s_q - l <= j <= i + s_kv - s_q + r``) and reads -1, and any negative edge, as unbounded.
+
+    Returns ``(keys, rows, (l, r))``: run the first ``rows`` queries against the first ``keys`` keys with
+    that window; the queries after ``rows`` see no key (their output is zeros). Keys at or after
+    ``s_q + right`` are seen by no query, so they are dropped, which makes ``r`` >= 0; queries whose left
+    edge passes the last key are cut, which makes ``l`` >= 0. Both edges are then exact for
+    FlashAttention 3, whose API turns an edge that covers every key into -1. FlashAttention 2 also drops
+    a right edge >= seqlen_k where it still limited a row (more queries than keys): its backend refuses
+    such calls."""
+    keys = s_kv if right is None else min(s_kv, s_q + right)
+    rows = s_q if left is None else min(s_q, keys + left)
+    shift = keys - rows
+    return keys, rows, (-1 if left is None else left + shift, -1 if right is None else right - shift)
+
+
+def window_reasons(call: Call, fa2: bool) -> List[str]:
+    """Why a flash-attn backend cannot serve ``call``'s sliding window (empty when it can)."""
+    if call.window is None:
+        return []
+    left, right = call.window_bounds  # both >= 0 or None (`call.check_window`)
+    if call.mask_kind != "none":
+        return ["a sliding window together with a mask: the key-padding path packs the kept keys, which "
+                "moves their positions (flex and SDPA with an explicit mask serve it)"]
+    if fa2 and right is not None and call.seq_q > call.seq_kv:
+        return [f"sliding window {call.window} (causal={call.is_causal}) with more queries ({call.seq_q}) than "
+                f"keys ({call.seq_kv}): FlashAttention 2 drops a right window edge >= seqlen_k"]
+    return []
 
 
 def key_padding_keep(mask: torch.Tensor, batch: int, s_kv: int) -> torch.Tensor:
@@ -267,18 +311,32 @@ def version_of(package: str) -> Optional[str]:
         return None
 
 
-__all__ = ["ThirdPartyBackend", "register_op", "causal_plan", "key_padding_keep", "pack_keys", "packing_order",
+__all__ = ["ThirdPartyBackend", "register_op", "causal_plan", "window_plan", "window_reasons", "key_padding_keep", "pack_keys", "packing_order",
            "key_packing", "clear_key_packings",
            "query_cu_seqlens", "first_output", "describe_import_error", "version_at_least", "version_of"]
 
 
-def run_flash_api(fa, q, k, v, mask, is_causal, kwargs):
+def run_flash_api(fa, q, k, v, mask, is_causal, kwargs, window=None, softcap=None):
     """Call a flash-attn style module (``flash_attn_func`` / ``flash_attn_varlen_func``, bsnd) with SDPA's
     conventions: causal translated from flash-attn's bottom-right alignment to top-left (`causal_plan`),
-    key-padding masks packed for the varlen entry point (any pattern), rows with no kept key set to 0.
+    key-padding masks packed for the varlen entry point (any pattern), rows with no kept key set to 0,
+    a sliding window translated by `window_plan` (never with a mask: `window_reasons`), softcap passed
+    as is (flash-attn's ``softcap`` is attnpatch's: ``tanh(s / c) * c`` on the scaled scores).
     ``kwargs`` carries what differs between releases (softmax_scale, dropout_p)."""
+    if softcap is not None:
+        kwargs = dict(kwargs, softcap=softcap)
     b, s_q = q.shape[0], q.shape[1]
     s_kv = k.shape[1]
+    if window is not None:
+        left, right = window
+        if is_causal:
+            right = 0 if right is None else min(right, 0)
+        keys, rows, fa_window = window_plan(s_q, s_kv, left, right)
+        out = first_output(fa.flash_attn_func(q[:, :rows], k[:, :keys], v[:, :keys],
+                                              **dict(kwargs, causal=False, window_size=fa_window)))
+        if rows < s_q:  # these queries see no key: zeros, as SDPA gives rows with nothing to attend
+            out = torch.cat((out, out.new_zeros((b, s_q - rows) + tuple(out.shape[2:]))), dim=1)
+        return out
     if is_causal and s_q >= 2 * s_kv:
         # The window of `causal_plan` would have its right edge (s_q - s_kv) at or past the key length,
         # which FlashAttention 2 drops as "no limit" (flash_api.cpp; H200, 2026-11-30: relative error 0.71

@@ -13,18 +13,24 @@ Translation (flash-attn takes bsnd, ``softmax_scale``, ``dropout_p``, ``causal``
   mask are refused with a reason.
 * GQA: native (flash-attn takes fewer k/v heads). Dropout: native, also with gradients in eager mode
   (flash-attn's own autograd); under torch.compile only without gradients (see `_custom_ops`).
+* sliding windows (``window``): flash-attn's ``window_size``, translated to SDPA's top-left alignment by
+  `window_plan`; refused with a mask, with an edge on the far side of the diagonal, and with a right edge
+  when there are more queries than keys (FlashAttention 2 drops it: `window_reasons`). Softcapping
+  (``softcap``): flash-attn's own, the same formula.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ._third_party import ThirdPartyBackend, register_op, run_flash_api
+from ..call import Call
+from ._third_party import ThirdPartyBackend, register_op, run_flash_api, window_reasons
 
 
-def flash_attn_kernel(fa, q, k, v, mask, is_causal, scale, dropout_p):
+def flash_attn_kernel(fa, q, k, v, mask, is_causal, scale, dropout_p, window=None, softcap=None):
     """FA2 on bsnd tensors; ``fa`` is the ``flash_attn`` module (or a stand-in with its API)."""
-    return run_flash_api(fa, q, k, v, mask, is_causal, {"dropout_p": dropout_p, "softmax_scale": scale})
+    return run_flash_api(fa, q, k, v, mask, is_causal, {"dropout_p": dropout_p, "softmax_scale": scale},
+                         window=window, softcap=softcap)
 
 
 class FlashAttnBackend(ThirdPartyBackend):
@@ -41,6 +47,8 @@ class FlashAttnBackend(ThirdPartyBackend):
     SUPPORTS_GQA = True
     SUPPORTS_CAUSAL = True
     SUPPORTS_CAUSAL_WITH_MASK = False
+    SUPPORTS_WINDOW = True
+    SUPPORTS_SOFTCAP = True
     SUPPORTED_DTYPES = frozenset({torch.float16, torch.bfloat16})
     SUPPORTED_MASKS = frozenset({"none", "bool"})
     KEY_PADDING_MASKS_ONLY = True
@@ -57,6 +65,9 @@ class FlashAttnBackend(ThirdPartyBackend):
     TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
     kernel = staticmethod(flash_attn_kernel)
+
+    def call_reasons(self, call: Call):
+        return window_reasons(call, fa2=True)
 
 
 register_op(FlashAttnBackend)

@@ -2,22 +2,29 @@
 ``flash_attn_varlen_func``, from the ``flash_attn_3`` package built from flash-attention's hopper/).
 
 Same translation as `flash_attn` (bsnd; bottom-right causal translated to SDPA's top-left; key-padding
-masks packed for the varlen entry point, any pattern). Differences: no dropout; some releases return
-``(out, softmax_lse)`` and others ``out`` (both handled); Hopper only.
+masks packed for the varlen entry point, any pattern; sliding windows through `window_plan`, softcap as
+is). Differences: no dropout; some releases return ``(out, softmax_lse)`` and others ``out`` (both
+handled); Hopper only; FlashAttention 3 keeps a window's right edge with more queries than keys (its API
+only drops edges that cover every key). A build without softcap kernels
+(``FLASH_ATTENTION_DISABLE_SOFTCAP``, as `benchmarks/build_kernels.sh` shrinks it) is found by the probe
+on the GPU and refuses softcapped calls with that reason.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ._third_party import ThirdPartyBackend, register_op, run_flash_api
+from typing import List, Optional
+
+from ..call import Call
+from ._third_party import ThirdPartyBackend, _first_line, register_op, run_flash_api, window_reasons
 
 
-def flash_attn3_kernel(fa3, q, k, v, mask, is_causal, scale, dropout_p):
+def flash_attn3_kernel(fa3, q, k, v, mask, is_causal, scale, dropout_p, window=None, softcap=None):
     """FA3 on bsnd tensors; ``fa3`` is ``flash_attn_interface`` (or a stand-in with its API)."""
     if dropout_p:
         raise ValueError(f"flash_attn3 has no dropout (dropout_p={dropout_p}); the router refuses such calls")
-    return run_flash_api(fa3, q, k, v, mask, is_causal, {"softmax_scale": scale})
+    return run_flash_api(fa3, q, k, v, mask, is_causal, {"softmax_scale": scale}, window=window, softcap=softcap)
 
 
 class FlashAttn3Backend(ThirdPartyBackend):
@@ -35,6 +42,8 @@ class FlashAttn3Backend(ThirdPartyBackend):
     SUPPORTS_GQA = True
     SUPPORTS_CAUSAL = True
     SUPPORTS_CAUSAL_WITH_MASK = False
+    SUPPORTS_WINDOW = True
+    SUPPORTS_SOFTCAP = True
     SUPPORTED_DTYPES = frozenset({torch.float16, torch.bfloat16})
     SUPPORTED_MASKS = frozenset({"none", "bool"})
     KEY_PADDING_MASKS_ONLY = True
@@ -53,6 +62,29 @@ class FlashAttn3Backend(ThirdPartyBackend):
     TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
     kernel = staticmethod(flash_attn3_kernel)
+
+    #: why this build cannot softcap (found by `smoke_test` on the GPU), or None
+    softcap_missing: Optional[str] = None
+
+    def smoke_test(self, module, device: torch.device) -> List[str]:
+        """A tiny softcapped call: builds shrunk with FLASH_ATTENTION_DISABLE_SOFTCAP raise on it. That is
+        not a reason to be unavailable, only to refuse softcapped calls."""
+        x = torch.randn(1, 128, 1, 64, device=device, dtype=torch.bfloat16)
+        try:
+            module.flash_attn_func(x, x, x, softcap=30.0)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            self.softcap_missing = None
+        except Exception as exc:  # RuntimeError from the extension's TORCH_CHECK
+            self.softcap_missing = (f"this flash_attn_3 build has no softcap kernels ({_first_line(exc, 200)}); "
+                                    "rebuild it without FLASH_ATTENTION_DISABLE_SOFTCAP")
+        return []
+
+    def call_reasons(self, call: Call):
+        reasons = window_reasons(call, fa2=False)
+        if call.softcap is not None and self.softcap_missing:
+            reasons.append(self.softcap_missing)
+        return reasons
 
 
 register_op(FlashAttn3Backend)

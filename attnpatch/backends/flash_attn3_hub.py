@@ -37,6 +37,9 @@ class FlashAttn3HubBackend(HubKernelBackend, FlashAttn3Backend):
     CUDA_MAX_CAPABILITY = (9, 0)
     ARCH_NOTE = "kernels-community/flash-attn3 builds FA3's sm80 kernels (sm8x) and its sm90a kernels"
     AUTO_PRIORITY = {}  # see the module docstring
+    # `flash_attn3`'s sliding window and softcap are not wired through the hub's loader (nor run on a GPU)
+    SUPPORTS_WINDOW = False
+    SUPPORTS_SOFTCAP = False
     KERNEL_FN = staticmethod(flash_attn3_kernel)
     kernel = staticmethod(make_hub_kernel("flash_attn3_hub", flash_attn3_kernel))
 

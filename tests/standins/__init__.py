@@ -23,13 +23,16 @@ import torch
 CALLS: list = []  # (library function, kwargs summary) of every stand-in call, for tests to inspect
 
 
-def _attend(q, k, v, scale, keep=None, bias=None, p=0.0):
-    """q (s_q, h, d), k/v (s_kv, h_kv, d) → (s_q, h, d_v); keep (h or 1, s_q, s_kv) bool; float64 math."""
+def _attend(q, k, v, scale, keep=None, bias=None, p=0.0, softcap=0.0):
+    """q (s_q, h, d), k/v (s_kv, h_kv, d) → (s_q, h, d_v); keep (h or 1, s_q, s_kv) bool; float64 math;
+    ``softcap`` > 0: flash-attn's softcapping, ``tanh(s / softcap) * softcap`` on the scaled scores."""
     hq, hk = q.shape[1], k.shape[1]
     assert hq % hk == 0, f"heads {hq} not a multiple of kv heads {hk}"
     k = k.repeat_interleave(hq // hk, dim=1)
     v = v.repeat_interleave(hq // hk, dim=1)
     s = torch.einsum("qhd,khd->hqk", q.double(), k.double()) * scale
+    if softcap > 0:
+        s = torch.tanh(s / softcap) * softcap
     if bias is not None:
         s = s + bias.double()
     if keep is not None:
@@ -75,16 +78,28 @@ def _fa2_window(window, seqlen_k):
     return tuple(-1 if w >= seqlen_k else w for w in window)
 
 
-def _fa2_module():
+def _fa3_window(window, seqlen_q, seqlen_k):
+    """FlashAttention 3's API (hopper/flash_api.cpp) turns a left edge >= seqlen_k - 1 and a right edge
+    >= seqlen_q - 1 into -1: edges that cover every key."""
+    left, right = window
+    return (-1 if left >= seqlen_k - 1 else left, -1 if right >= seqlen_q - 1 else right)
+
+
+def _fa2_module(fa3_edges=False):
     m = types.ModuleType("flash_attn")
+
+    def edges(window, s_q, s_kv):
+        return _fa3_window(window, s_q, s_kv) if fa3_edges else _fa2_window(window, s_kv)
 
     def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
                         softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
         _check_fa(q, k, v, 4)
-        CALLS.append(("flash_attn_func", dict(causal=causal, window_size=tuple(window_size), dropout_p=dropout_p)))
+        CALLS.append(("flash_attn_func", dict(causal=causal, window_size=tuple(window_size), dropout_p=dropout_p,
+                                              softcap=softcap)))
         scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
-        keep = _fa_keep(q.shape[1], k.shape[1], causal, _fa2_window(window_size, k.shape[1]), q.device)
-        out = torch.stack([_attend(q[b], k[b], v[b], scale, keep, p=dropout_p) for b in range(q.shape[0])])
+        keep = _fa_keep(q.shape[1], k.shape[1], causal, edges(window_size, q.shape[1], k.shape[1]), q.device)
+        out = torch.stack([_attend(q[b], k[b], v[b], scale, keep, p=dropout_p, softcap=softcap)
+                           for b in range(q.shape[0])])
         return (out, None, None) if return_attn_probs else out
 
     def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
@@ -93,7 +108,7 @@ def _fa2_module():
         _check_fa(q, k, v, 3)
         assert cu_seqlens_q.dtype == torch.int32 and cu_seqlens_k.dtype == torch.int32
         assert isinstance(max_seqlen_q, int) and isinstance(max_seqlen_k, int)
-        CALLS.append(("flash_attn_varlen_func", dict(causal=causal, window_size=tuple(window_size))))
+        CALLS.append(("flash_attn_varlen_func", dict(causal=causal, window_size=tuple(window_size), softcap=softcap)))
         scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
         cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
         assert len(cq) == len(ck) and cq[-1] <= q.shape[0] and ck[-1] <= k.shape[0]
@@ -103,8 +118,8 @@ def _fa2_module():
             assert qs.shape[0] <= max_seqlen_q and ks.shape[0] <= max_seqlen_k
             if ks.shape[0] == 0:
                 continue  # flash-attn writes zeros for an empty key sequence
-            keep = _fa_keep(qs.shape[0], ks.shape[0], causal, _fa2_window(window_size, max_seqlen_k), q.device)
-            out[cq[b]:cq[b + 1]] = _attend(qs, ks, v[ck[b]:ck[b + 1]], scale, keep, p=dropout_p)
+            keep = _fa_keep(qs.shape[0], ks.shape[0], causal, edges(window_size, max_seqlen_q, max_seqlen_k), q.device)
+            out[cq[b]:cq[b + 1]] = _attend(qs, ks, v[ck[b]:ck[b + 1]], scale, keep, p=dropout_p, softcap=softcap)
         return (out, None, None) if return_attn_probs else out
 
     m.flash_attn_func = flash_attn_func
@@ -135,7 +150,7 @@ def _fa3_dequantize(q, k, v, q_descale, k_descale, v_descale):
 
 def _fa3_module(returns_lse: bool):
     m = types.ModuleType("flash_attn_interface")
-    fa2 = _fa2_module()
+    fa2 = _fa2_module(fa3_edges=True)
 
     def _ret(out, lse_shape, return_attn_probs):
         lse = torch.zeros(lse_shape)
@@ -148,7 +163,8 @@ def _fa3_module(returns_lse: bool):
                         pack_gqa=None, deterministic=False, sm_margin=0, return_attn_probs=False):
         if q.dtype == torch.float8_e4m3fn:
             q, k, v = _fa3_dequantize(q, k, v, q_descale, k_descale, v_descale)
-        out = fa2.flash_attn_func(q, k, v, softmax_scale=softmax_scale, causal=causal, window_size=window_size)
+        out = fa2.flash_attn_func(q, k, v, softmax_scale=softmax_scale, causal=causal, window_size=window_size,
+                                  softcap=softcap)
         return _ret(out, (q.shape[0], q.shape[2], q.shape[1]), return_attn_probs)
 
     def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q=None,
@@ -158,7 +174,8 @@ def _fa3_module(returns_lse: bool):
                                return_attn_probs=False):
         assert seqused_q is None and seqused_k is None
         out = fa2.flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                         softmax_scale=softmax_scale, causal=causal, window_size=window_size)
+                                         softmax_scale=softmax_scale, causal=causal, window_size=window_size,
+                                         softcap=softcap)
         return _ret(out, (q.shape[1], q.shape[0]), return_attn_probs)
 
     m.flash_attn_func = flash_attn_func
