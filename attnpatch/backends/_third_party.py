@@ -311,9 +311,9 @@ def version_of(package: str) -> Optional[str]:
         return None
 
 
-__all__ = ["ThirdPartyBackend", "register_op", "causal_plan", "window_plan", "window_reasons", "key_padding_keep", "pack_keys", "packing_order",
-           "key_packing", "clear_key_packings",
-           "query_cu_seqlens", "first_output", "describe_import_error", "version_at_least", "version_of"]
+__all__ = ["ThirdPartyBackend", "register_op", "causal_plan", "window_plan", "window_reasons", "key_padding_keep",
+           "pack_keys", "packing_order", "key_packing", "clear_key_packings", "query_cu_seqlens", "first_output",
+           "describe_import_error", "version_at_least", "version_of"]
 
 
 def run_flash_api(fa, q, k, v, mask, is_causal, kwargs, window=None, softcap=None):

@@ -14,8 +14,8 @@ Translation (flash-attn takes bsnd, ``softmax_scale``, ``dropout_p``, ``causal``
 * GQA: native (flash-attn takes fewer k/v heads). Dropout: native, also with gradients in eager mode
   (flash-attn's own autograd); under torch.compile only without gradients (see `_custom_ops`).
 * sliding windows (``window``): flash-attn's ``window_size``, translated to SDPA's top-left alignment by
-  `window_plan`; refused with a mask, with an edge on the far side of the diagonal, and with a right edge
-  when there are more queries than keys (FlashAttention 2 drops it: `window_reasons`). Softcapping
+  `window_plan`; refused with a mask and with a right edge when there are more queries than keys
+  (FlashAttention 2 drops it: `window_reasons`). Softcapping
   (``softcap``): flash-attn's own, the same formula.
 """
 

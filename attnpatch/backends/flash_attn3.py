@@ -12,9 +12,9 @@ on the GPU and refuses softcapped calls with that reason.
 
 from __future__ import annotations
 
-import torch
-
 from typing import List, Optional
+
+import torch
 
 from ..call import Call
 from ._third_party import ThirdPartyBackend, _first_line, register_op, run_flash_api, window_reasons
