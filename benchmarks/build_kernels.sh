@@ -21,7 +21,13 @@
 #   16 cores (H200 box, 2026-11-30: 124-134 s); accuracy, compile and CUDA-graph tests pass on it.
 # * fa4: the flash-attn-4 wheel and its CUTLASS DSL stack, from wheels in DIR/fa4-wheels (the 92 MB
 #   CUDA-13 DSL library joined from part.* files, see ../shared/gpu/wheels.sh); its .pth file is not
-#   read from PYTHONPATH, so DIR/fa4/site gets a sitecustomize.py that calls site.addsitedir.
+#   read from PYTHONPATH, so DIR/fa4/site gets a sitecustomize.py that calls site.addsitedir. The set must
+#   include nvidia-cutlass-dsl-libs-core (the DSL's Python package itself: cutlass/__init__.py and
+#   cutlass/cute/, a dependency of libs-base since 4.8 that a --no-deps download misses: the cause of the
+#   "No module named 'cutlass.cute'" seen on 2026-11-30), cuda-bindings, cuda-pathfinder, protobuf and
+#   einops besides flash-attn-4, nvidia-cutlass-dsl, libs-base, libs-cu13, quack-kernels, apache-tvm-ffi and
+#   torch-c-dlpack-ext (each wheel's Requires-Dist, read 2026-11-30). Over 64 MiB in all: bring it in two
+#   calls (the parts of libs-cu13 apart) into DIR/fa4-wheels, then run this.
 # * fa2: FlashAttention 2 (csrc/flash_attn) shrunk to forward, fp16/bf16, head dims 64 and 128 (24 of its
 #   ~100 kernel units; larger head dims raise, backward raises): 543 s with 12 jobs beside other builds
 #   (H200 box, 2026-11-30). The full build does not fit one 10-minute call.
