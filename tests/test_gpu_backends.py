@@ -396,3 +396,22 @@ def test_custom_op_compiles_fullgraph_with_inductor(name):
     out = compiled(q, k, v)
     expected = type(b).kernel(importlib.import_module(b.MODULE), q, k, v, None, False, None, 0.0)
     torch.testing.assert_close(out, 2 * expected, atol=1e-2, rtol=1e-2)
+
+
+def test_key_packing_is_reused_per_mask_and_kept_apart_per_stream():
+    """The key-padding packing cache (backends/_third_party.key_packing) on real CUDA tensors: reused for
+    the same mask on the same stream, computed afresh on another stream (its tensors would otherwise be
+    read across streams). Inside a CUDA-graph capture: test_cuda_graph_capture[flash_attn3] (key padding)."""
+    from attnpatch.backends import _third_party as tp
+    tp.clear_key_packings()
+    m = torch.ones(2, 1, 1, 64, dtype=torch.bool, device="cuda")
+    m[0, ..., 60:] = False
+    a = tp.key_packing(m, 2, 64)
+    assert tp.key_packing(m, 2, 64) is a
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        b = tp.key_packing(m, 2, 64)
+    torch.cuda.current_stream().wait_stream(side)
+    assert b is not a and all(torch.equal(x, y) for x, y in zip(a, b))
+    assert a[1].tolist() == [0, 60, 124]

@@ -270,15 +270,18 @@ def key_packing(mask: torch.Tensor, batch: int, s_kv: int) -> Tuple[torch.Tensor
     (H200, HunyuanVideo's joint shape, 2026-11-30: 0.38-0.48 ms of host per call against FlashAttention 3's
     0.37 ms, which made the masked call host-bound at 0.6-1.0 ms; docs/GPU_BACKENDS.md). The result is
     reused only for the very same tensor object (or a view of it: the entry holds a weak reference to the
-    base) whose version counter has not moved, i.e. no in-place write since; never inside a CUDA-graph
-    capture, a torch.compile trace or for inference-mode tensors (no version counter), which compute it
-    afresh. Writes that bypass the version counter (through ``.data``, or into ``data_ptr()`` from another
+    base) whose version counter has not moved, i.e. no in-place write since, on the same CUDA stream;
+    never inside a CUDA-graph capture, a torch.compile trace or for inference-mode tensors (no version
+    counter), which compute it afresh. Writes that bypass the version counter (through ``.data``, or into ``data_ptr()`` from another
     library) are not seen.
     """
     if not _cacheable(mask):
         return packing_order(key_padding_keep(mask, batch, s_kv))
     root = mask if mask._base is None else mask._base
-    geometry = (tuple(mask.shape), mask.stride(), mask.storage_offset(), batch, s_kv)
+    # the stream too: the cached tensors were made on one stream, and reading them from another could race
+    # with the allocator reusing their memory once they are replaced
+    stream = torch.cuda.current_stream(mask.device).cuda_stream if mask.is_cuda else None
+    geometry = (tuple(mask.shape), mask.stride(), mask.storage_offset(), batch, s_kv, stream)
     version = mask._version
     hit = _PACKINGS.get(id(root))
     if hit is not None and hit[0]() is root and hit[1] == version and hit[2] == geometry:
