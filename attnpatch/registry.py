@@ -37,6 +37,23 @@ def cuda_available() -> bool:
     return _CUDA_AVAILABLE[0]
 
 
+def device_class_keys(call: Call) -> tuple:
+    """The keys of ``AUTO_PRIORITY`` / ``AUTO_LEFT_OUT`` that apply to ``call``, most specific first:
+    ("cuda_sm90", "cuda") on an sm90 card, ("cpu",) on the CPU."""
+    if call.capability is not None:
+        major, minor = call.capability
+        return (f"{call.device_type}_sm{major}{minor}", call.device_type)
+    return (call.device_type,)
+
+
+def auto_left_out(backend: "Backend", call: Call) -> Optional[str]:
+    """Why auto leaves ``backend`` out for ``call``'s device class (its ``AUTO_LEFT_OUT``), or None."""
+    for key in device_class_keys(call):
+        if key in backend.AUTO_LEFT_OUT:
+            return f"auto leaves it out on {key}: {backend.AUTO_LEFT_OUT[key]}; name it (backend=, use_backend, a recipe) to use it"
+    return None
+
+
 def _dtype_name(dt) -> str:
     return _DTYPE_NAMES.get(dt, str(dt).replace("torch.", ""))
 
@@ -107,6 +124,8 @@ class Backend:
     * ``NATIVE_LAYOUT`` — the layout the runner takes ("bnsd" or "bsnd"); the router transposes views.
     * ``AUTO_PRIORITY`` — static auto order per device class ("cpu", "cuda", "cuda_sm90", ...): lower
       runs first, missing means auto never picks it on that device class.
+    * ``AUTO_LEFT_OUT`` — per device class, why auto leaves out a backend that runs there (it costs a
+      fresh process more than it gains); `explain` shows it, naming the backend still uses it.
     * ``TOLERANCE`` — per-dtype (atol, rtol-like) used by tests; lossy backends state their own bound.
     """
 
@@ -147,6 +166,7 @@ class Backend:
     CUDA_MAX_CAPABILITY: Optional[tuple] = None
     NATIVE_LAYOUT: str = "bnsd"
     AUTO_PRIORITY: Dict[str, int] = {}
+    AUTO_LEFT_OUT: Dict[str, str] = {}
     TOLERANCE: Dict[torch.dtype, float] = {}
 
     def __init__(self) -> None:

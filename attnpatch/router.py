@@ -105,15 +105,8 @@ _WARNED: set = set()
 DECISIONS_MADE = [0]
 
 
-def _device_class_keys(call: Call) -> Tuple[str, ...]:
-    if call.capability is not None:
-        major, minor = call.capability
-        return (f"{call.device_type}_sm{major}{minor}", call.device_type)
-    return (call.device_type,)
-
-
 def _auto_priority(backend: registry.Backend, call: Call) -> Optional[int]:
-    for key in _device_class_keys(call):
+    for key in registry.device_class_keys(call):
         if key in backend.AUTO_PRIORITY:
             return backend.AUTO_PRIORITY[key]
     return None
@@ -256,7 +249,9 @@ def decide(call: Call, arg_names, ctx: Optional[Scope], site: Optional[Scope], f
 def _fill_rest(call: Call, env, reasons: Dict[str, List[str]]) -> None:
     for b in registry.all_backends():
         if b.NAME not in reasons:
-            reasons[b.NAME] = _reasons_for(b, call, env)
+            r = _reasons_for(b, call, env)
+            left_out = None if r or _auto_priority(b, call) is not None else registry.auto_left_out(b, call)
+            reasons[b.NAME] = [left_out] if left_out else r
 
 
 def _warn_fallback(decision: Decision) -> None:

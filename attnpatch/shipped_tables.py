@@ -3,8 +3,8 @@ times anything: a fresh process then pays no timing for the calls they cover (is
 call of a new signature used to cost up to 1.3 s of timing at Wan's shape).
 
 A rule answers only when *every* backend the router found eligible for the call is one it covers, so
-a backend the rule was not measured with (an installed FlashAttention 4 or xFormers, a lossy kernel
-outside video lengths) makes auto time the candidates as before. A machine's own measurement in the
+a backend the rule was not measured with (a registered one, a lossy kernel outside video lengths) makes
+auto time the candidates as before (FlashAttention 4 never reaches auto on sm90: its ``AUTO_LEFT_OUT``). A machine's own measurement in the
 autotune cache wins over a rule.
 The rule picks among the eligible backends only: it can never make an ineligible kernel run.
 """

@@ -125,7 +125,7 @@ fa4() {
   local w="$DIR/fa4-wheels"
   [ -f "$w/BIG_WHEEL_NAME" ] && [ ! -f "$w/$(cat "$w/BIG_WHEEL_NAME")" ] && cat "$w"/part.* > "$w/$(cat "$w/BIG_WHEEL_NAME")"
   "$PY" -m pip install --no-index --no-deps --target "$DIR/fa4/site" "$w"/*.whl &&
-    printf 'import site\nsite.addsitedir(%r)\n' "$DIR/fa4/site" > "$DIR/fa4/site/sitecustomize.py"
+    printf "import site\nsite.addsitedir('%s')\n" "$DIR/fa4/site" > "$DIR/fa4/site/sitecustomize.py"
 }
 
 xformers() {

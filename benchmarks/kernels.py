@@ -255,6 +255,9 @@ def run_case(c, dtname, dt, args, dev, bench, peak, infos):
             entry = dict(error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}",
                          lossy=bk.LOSSY)
         entry["wall_s"] = time.perf_counter() - t0
+        left_out = registry.auto_left_out(bk, call)
+        if left_out:  # timed and shown, but not among what auto may pick here (FlashAttention 4 on sm90)
+            entry["auto_left_out"] = left_out
         res["backends"][bk.NAME] = entry
         if dev.type == "cuda":
             torch.cuda.empty_cache()
@@ -282,7 +285,7 @@ def run_case(c, dtname, dt, args, dev, bench, peak, infos):
 
     # auto with the lossy opt-in, where a lossy backend could serve this shape: against the fastest
     # eligible backend of any kind (issue 13: within 3% with every kernel installed)
-    measured = {n: r for n, r in res["backends"].items() if "ms" in r}
+    measured = {n: r for n, r in res["backends"].items() if "ms" in r and "auto_left_out" not in r}
     if any(r["lossy"] for r in measured.values()):
         al = measure_auto("auto_lossy", True)
         res["auto_lossy"] = al
@@ -293,7 +296,7 @@ def run_case(c, dtname, dt, args, dev, bench, peak, infos):
             if al.get("chosen") in measured:
                 res["auto_lossy_pick_over_fastest"] = measured[al["chosen"]]["ms"] / measured[best_any]["ms"]
 
-    exact = {n: r for n, r in res["backends"].items() if "ms" in r and not r["lossy"]}
+    exact = {n: r for n, r in res["backends"].items() if "ms" in r and not r["lossy"] and "auto_left_out" not in r}
     if exact:
         best = min(exact, key=lambda n: exact[n]["ms"])
         res["fastest_exact"] = best
@@ -351,7 +354,9 @@ def write_markdown(path, meta, results):
             f"{s.get('label')}: {s.get('backend')} | {fmt(s.get('ms'), '.3f') if 'ms' in s else s.get('result', '–')} | "
             f"{fmt(s.get('over_auto'), '.2f')} | {fmt(s.get('relerr'), '.1e')}{' (lossy)' if s.get('lossy') else ''} |")
     L.append("")
-    L.append("`auto / fastest`: auto's own timing over the fastest exact backend's (includes run-to-run noise); "
+    L.append("`fastest exact`: among the backends auto may pick here (one its `AUTO_LEFT_OUT` keeps out, such as "
+             "FlashAttention 4 on sm90, is timed and listed below but not compared). "
+             "`auto / fastest`: auto's own timing over the fastest exact backend's (includes run-to-run noise); "
              "`pick / fastest`: the backend auto chose, timed in the same sweep, over the fastest (selection "
              "quality alone). ⚠ marks shapes over the 3% target.")
     L.append("")
@@ -380,7 +385,7 @@ def write_markdown(path, meta, results):
     L.append("|---|---|---|---|---|---|---|---|---|")
     for r in results:
         for n, b in sorted(r["backends"].items(), key=lambda kv: kv[1].get("ms", float("inf"))):
-            note = b.get("ineligible") or b.get("error") or ""
+            note = b.get("ineligible") or b.get("error") or b.get("auto_left_out") or ""
             if len(note) > 90:
                 note = note[:87] + "..."
             L.append(f"| {r['case']} | {r['dtype']} | {n}{' (lossy)' if b.get('lossy') else ''} | "

@@ -241,14 +241,15 @@ def test_backward_matches_reference(name):
     b = registry.get_backend(name)
     if not b.available or not b.SUPPORTS_BACKWARD:
         pytest.skip(f"{name}: {'forward-only' if b.available else '; '.join(b.availability())}")
-    failures, ran = [], 0
+    failures, ran, refused = [], 0, []
     for case in ("plain", "causal", "gqa", "key_padding"):
         q, k, v, kw = make_case(case, torch.bfloat16)
         ins = [t.clone().requires_grad_() for t in (q, k, v)]
         try:
             with attnpatch.use_backend(name, strict=True):
                 out = attnpatch.attention_forward(*ins, **kw)
-        except attnpatch.BackendUnsupportedError:
+        except attnpatch.BackendUnsupportedError as exc:
+            refused.append(str(exc))
             continue
         ran += 1
         grad = torch.randn_like(out)
@@ -261,7 +262,10 @@ def test_backward_matches_reference(name):
             e, em = relerr(got.grad, want.grad), relerr(m.grad, want.grad)
             if not (e <= 2 * em + 2e-3):
                 failures.append((case, label, e, em))
-    assert ran > 0
+    if not ran and all("has no backward kernels" in r for r in refused):
+        # a shrunk build (FLASH_ATTENTION_DISABLE_BACKWARD): refused with the reason, not crashed
+        pytest.skip(f"{name}: this build has no backward kernels (refused: {refused[0][:200]})")
+    assert ran > 0, refused
     assert not failures, failures
 
 

@@ -90,11 +90,16 @@ def test_gqa_on_the_flash_op():
 
 def test_global_flags_untouched_while_another_thread_pins():
     stop = threading.Event()
+    pinned_calls, thread_errors = [0], []
 
     def loop():
-        q, k, v = _qkv(b=1, hq=2, sq=64, skv=64)
-        while not stop.is_set():
-            attnpatch.attention_forward(q, k, v, backend="sdpa_cudnn")
+        try:
+            q, k, v = _qkv(b=1, hq=2, hkv=2, sq=64, skv=64)
+            while not stop.is_set():
+                attnpatch.attention_forward(q, k, v, backend="sdpa_cudnn")
+                pinned_calls[0] += 1
+        except Exception as exc:  # a dead pinning thread would make this test pass vacuously
+            thread_errors.append(exc)
 
     t = threading.Thread(target=loop)
     t.start()
@@ -110,6 +115,8 @@ def test_global_flags_untouched_while_another_thread_pins():
     finally:
         stop.set()
         t.join()
+    assert not thread_errors, thread_errors
+    assert pinned_calls[0] > 0
     assert errors == 0
 
 

@@ -344,6 +344,48 @@ def test_auto_without_the_lossy_opt_in_never_probes_a_lossy_backend(fake):
     assert CALLS["fake_probed_lossy"] == 1
 
 
+class _LeftOut(_Recording):
+    """Exact and fast once running, but too costly for a fresh process on this device class (as
+    FlashAttention 4 on Hopper: ~5 s to import, ~2 s to compile each kernel, H200 2026-11-30)."""
+
+    NAME = "fake_left_out"
+    AUTO_PRIORITY = {"cuda": -100}  # first everywhere else, so only AUTO_LEFT_OUT keeps auto off it
+    AUTO_LEFT_OUT = {"cpu": "it costs a fresh process more than it gains"}
+
+    def not_supported_reasons(self, call):
+        CALLS["probe:" + self.NAME] += 1
+        return super().not_supported_reasons(call)
+
+
+@pytest.mark.parametrize("fake", [_LeftOut], indirect=True)
+def test_auto_leaves_out_what_its_device_class_declares_and_says_why(fake):
+    q, k, v = qkv()
+    with attnpatch.use_backend("auto"):
+        attnpatch.attention_forward(q, k, v)
+    assert CALLS["probe:fake_left_out"] == 0 and CALLS["fake_left_out"] == 0  # never probed (never imported)
+    assert attnpatch.explain(q, k, v).reasons["fake_left_out"] == [
+        "auto leaves it out on cpu: it costs a fresh process more than it gains; name it (backend=, use_backend, "
+        "a recipe) to use it"]
+    attnpatch.attention_forward(q, k, v, backend="fake_left_out")  # naming it is the way in
+    assert CALLS["fake_left_out"] == 1
+    e = attnpatch.explain(q, k, v, backend="fake_left_out")
+    assert e.backend == "fake_left_out" and e.reasons["fake_left_out"] == []
+
+
+def test_flash_attn4_is_left_out_of_auto_on_hopper_only():
+    """Measured on an H200 (2026-11-30): FA4 as fast as FA3 but ~5 s to import and ~2 s per new kernel
+    in a fresh process. Auto must not consider it on sm90; Blackwell keeps its (estimated) place."""
+    import dataclasses
+
+    fa4 = registry.get_backend("flash_attn4")
+    call = dataclasses.replace(router.build_call(*qkv(), "bnsd", None, False, None, 0.0, False, False,
+                                                 router.NO_FEATURES)[0], device_type="cuda", capability=(9, 0))
+    assert router._auto_priority(fa4, call) is None
+    assert "import" in registry.auto_left_out(fa4, call)
+    blackwell = dataclasses.replace(call, capability=(10, 0))
+    assert router._auto_priority(fa4, blackwell) is not None and registry.auto_left_out(fa4, blackwell) is None
+
+
 @pytest.mark.parametrize("fake", [_Lossy], indirect=True)
 def test_lossy_backend_needs_opt_in(fake, monkeypatch):
     q, k, v = qkv()

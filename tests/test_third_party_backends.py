@@ -389,17 +389,65 @@ def test_flash_attn_refuses_a_window_with_a_mask_with_the_reason(standin, name):
     assert not e.reasons["eager"]  # what serves it instead
 
 
-def test_flash_attn3_refuses_softcap_on_a_build_without_its_kernels(standin):
-    standin("flash_attn3")
-    backend = registry.get_backend("flash_attn3")
-    backend.softcap_missing = "this flash_attn_3 build has no softcap kernels (...)"
-    try:
-        q, k, v = qkv(b=2, sq=8, skv=8, d=16)
-        assert "this flash_attn_3 build has no softcap kernels (...)" in attnpatch.explain(
-            q, k, v, softcap=5.0).reasons["flash_attn3"]
-        assert not attnpatch.explain(q, k, v).reasons["flash_attn3"]
-    finally:
-        backend.softcap_missing = None
+# The H200 build of benchmarks/build_kernels.sh (2026-11-30): what its flash_attn_config said
+SHRUNK_FA3 = ("BACKWARD", "SPLIT", "PAGEDKV", "APPENDKV", "SOFTCAP", "PACKGQA", "CLUSTER", "HDIM96", "HDIM192",
+              "HDIM256", "SM8x")
+
+
+@pytest.mark.parametrize("disabled,kw,needle", [
+    (("SOFTCAP",), dict(softcap=5.0), "softcap=5.0 but this flash_attn_3 build has no softcap kernels"),
+    (("BACKWARD",), dict(grad=True), "gradients are needed but this flash_attn_3 build has no backward kernels"),
+    (("LOCAL",), dict(window=(2, 2)), "sliding window (2, 2) but this flash_attn_3 build has no local kernels"),
+    (("FP16",), dict(), "float16 but this flash_attn_3 build has no fp16 kernels"),
+    (("VARLEN",), dict(mask=True), "a key-padding mask needs varlen kernels"),
+    (("HDIM96", "HDIM128", "HDIM192", "HDIM256"), dict(d=128),
+     "head_dim 128 is above every head dim this flash_attn_3 build has kernels for (64)"),
+])
+def test_flash_attn3_refuses_what_its_build_left_out_without_calling_it(standin, disabled, kw, needle):
+    """A call into kernels a shrunk FA3 build compiled out crashed the process on an H200 (2026-11-30)
+    instead of raising: the build's switches (flash_attn_config) are read, and the call is refused."""
+    standin("flash_attn3", fa3_disabled=disabled)
+    d = kw.pop("d", 64)
+    q, k, v = qkv(b=3, sq=12, skv=12, d=d)
+    if kw.pop("grad", False):
+        q, k, v = (t.requires_grad_() for t in (q, k, v))
+    if kw.pop("mask", False):
+        kw["attn_mask"] = padding_mask(3, 12)
+    reasons = attnpatch.explain(q, k, v, **kw).reasons["flash_attn3"]
+    assert any(needle in r and "FLASH_ATTENTION_DISABLE_" in r for r in reasons), reasons
+    CALLS.clear()
+    out = attnpatch.attention_forward(q, k, v, **kw, backend="flash_attn3")  # refused there: served elsewhere
+    assert not CALLS and attnpatch.stats().calls.get("flash_attn3") is None
+    close(out, reference(q, k, v, **kw))
+
+
+def test_flash_attn3_serves_what_its_build_kept(standin):
+    standin("flash_attn3", fa3_disabled=SHRUNK_FA3)
+    q, k, v = qkv(b=3, sq=12, skv=12, d=96)  # rounds up to the 128 kernels the build has
+    for kw in (dict(), dict(window=(2, 2)), dict(attn_mask=padding_mask(3, 12)), dict(is_causal=True)):
+        assert not attnpatch.explain(q, k, v, **kw).reasons["flash_attn3"], kw
+        out = attnpatch.attention_forward(q, k, v, **kw, backend="flash_attn3")
+        close(out, reference(q, k, v, **kw))
+    assert attnpatch.stats().calls["flash_attn3"] == 4
+    assert attnpatch.explain(*qkv(d=256)).reasons["flash_attn3"]  # 256 was left out
+
+
+def test_flash_attn3_without_a_build_config_assumes_nothing_missing(standin):
+    """Builds older than flash_attn_config (or installed another way): no reason is invented."""
+    standin("flash_attn3")  # sys.modules["flash_attn_config"] = None: the import fails
+    q, k, v = qkv(b=2, sq=8, skv=8, d=16)
+    assert not attnpatch.explain(q, k, v, softcap=5.0).reasons["flash_attn3"]
+
+
+def test_flash_attn3_fp8_reads_its_build_instead_of_trying_an_fp8_call(standin, monkeypatch):
+    backend = standin("flash_attn3_fp8", fa3_disabled=("FP8",))
+    called = []
+    monkeypatch.setattr(backend.standin_modules["flash_attn_interface"], "flash_attn_func",
+                        lambda *a, **k: called.append(1))
+    reasons = backend.smoke_test(backend.standin_modules["flash_attn_interface"], torch.device("cpu"))
+    assert not called and reasons and "FLASH_ATTENTION_DISABLE_FP8" in reasons[0]
+    backend = standin("flash_attn3_fp8", fa3_disabled=())
+    assert backend.smoke_test(backend.standin_modules["flash_attn_interface"], torch.device("cpu")) == []
 
 
 @pytest.mark.parametrize("name", ["flash_attn", "flash_attn3"])
@@ -708,7 +756,11 @@ def test_flash_attn3_fp8_is_never_picked_by_auto_even_with_the_lossy_opt_in(stan
 def test_exact_backends_rank_after_cudnn_on_hopper():
     from attnpatch.backends.sdpa_cudnn import SdpaCudnnBackend
     for name in EXACT:
-        assert THIRD_PARTY[name].AUTO_PRIORITY["cuda_sm90"] > SdpaCudnnBackend.AUTO_PRIORITY["cuda_sm90"]
+        cls = THIRD_PARTY[name]
+        if "cuda_sm90" in cls.AUTO_LEFT_OUT:  # FlashAttention 4: auto leaves it out there (and says why)
+            assert "cuda_sm90" not in cls.AUTO_PRIORITY and "cuda" not in cls.AUTO_PRIORITY, name
+            continue
+        assert cls.AUTO_PRIORITY["cuda_sm90"] > SdpaCudnnBackend.AUTO_PRIORITY["cuda_sm90"]
 
 
 # -- probing --------------------------------------------------------------------------------------------

@@ -5,9 +5,10 @@ Same translation as `flash_attn` (bsnd; bottom-right causal translated to SDPA's
 masks packed for the varlen entry point, any pattern; sliding windows through `window_plan`, softcap as
 is). Differences: no dropout; some releases return ``(out, softmax_lse)`` and others ``out`` (both
 handled); Hopper only; FlashAttention 3 keeps a window's right edge with more queries than keys (its API
-only drops edges that cover every key). A build without softcap kernels
-(``FLASH_ATTENTION_DISABLE_SOFTCAP``, as `benchmarks/build_kernels.sh` shrinks it) is found by the probe
-on the GPU and refuses softcapped calls with that reason.
+only drops edges that cover every key). A build shrunk with
+``FLASH_ATTENTION_DISABLE_*`` switches (as `benchmarks/build_kernels.sh` makes it) refuses the calls that
+need what it left out (backward, softcap, windows, fp16, varlen, head dims), with the switch to drop: the
+switches are read from the build's ``flash_attn_config``, since such calls crash the process.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import List, Optional
 import torch
 
 from ..call import Call
-from ._third_party import ThirdPartyBackend, _first_line, register_op, run_flash_api, window_reasons
+from ._third_party import ThirdPartyBackend, register_op, run_flash_api, window_reasons
 
 
 def flash_attn3_kernel(fa3, q, k, v, mask, is_causal, scale, dropout_p, window=None, softcap=None):
@@ -63,28 +64,57 @@ class FlashAttn3Backend(ThirdPartyBackend):
 
     kernel = staticmethod(flash_attn3_kernel)
 
-    #: why this build cannot softcap (found by `smoke_test` on the GPU), or None
-    softcap_missing: Optional[str] = None
+    #: the build's switches (``flash_attn_config.CONFIG["build_flags"]``), read by `smoke_test`; {} if unknown
+    build_flags: dict = {}
 
-    def smoke_test(self, module, device: torch.device) -> List[str]:
-        """A tiny softcapped call: builds shrunk with FLASH_ATTENTION_DISABLE_SOFTCAP raise on it. That is
-        not a reason to be unavailable, only to refuse softcapped calls."""
-        x = torch.randn(1, 128, 1, 64, device=device, dtype=torch.bfloat16)
-        try:
-            module.flash_attn_func(x, x, x, softcap=30.0)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            self.softcap_missing = None
-        except Exception as exc:  # RuntimeError from the extension's TORCH_CHECK
-            self.softcap_missing = (f"this flash_attn_3 build has no softcap kernels ({_first_line(exc, 200)}); "
-                                    "rebuild it without FLASH_ATTENTION_DISABLE_SOFTCAP")
+    def check_extension(self, module) -> List[str]:
+        """Reads the build's switches from ``flash_attn_config`` (written by FA3's setup.py). They are read,
+        never tried: a call that a shrunk build compiled out (softcap, backward) crashes the process
+        instead of raising (H200, 2026-11-30), so each missing feature becomes a reason in `call_reasons`."""
+        self.build_flags = read_fa3_build_flags()
         return []
 
     def call_reasons(self, call: Call):
         reasons = window_reasons(call, fa2=False)
-        if call.softcap is not None and self.softcap_missing:
-            reasons.append(self.softcap_missing)
+        reasons.extend(build_flag_reasons(self.build_flags, call))
         return reasons
+
+
+def read_fa3_build_flags() -> dict:
+    """``flash_attn_config.CONFIG["build_flags"]`` of the installed FA3, or {} (older builds lack the file)."""
+    try:
+        from flash_attn_config import CONFIG
+        flags = CONFIG["build_flags"]
+    except Exception:  # no such module, or another layout: nothing is known to be missing
+        return {}
+    return {k: bool(v) for k, v in flags.items()} if isinstance(flags, dict) else {}
+
+
+#: FA3 head-dim kernels a build may leave out; calls round up to the next one built
+FA3_HEAD_DIMS = (64, 96, 128, 192, 256)
+
+
+def build_flag_reasons(flags: dict, call: Call) -> List[str]:
+    """Why a call needs kernels this build of FA3 left out (its FLASH_ATTENTION_DISABLE_* switches)."""
+    if not flags:
+        return []
+    fix = "rebuild FlashAttention 3 without FLASH_ATTENTION_DISABLE_{} (benchmarks/build_kernels.sh: FA3_DISABLE)"
+    reasons = []
+    for needed, switch, what in (
+            (call.needs_grad, "BACKWARD", "gradients are needed but this flash_attn_3 build has no backward kernels"),
+            (call.softcap is not None, "SOFTCAP", f"softcap={call.softcap} but this flash_attn_3 build has no softcap kernels"),
+            (call.window is not None, "LOCAL", f"sliding window {call.window} but this flash_attn_3 build has no local kernels"),
+            (call.dtype == torch.float16, "FP16", "float16 but this flash_attn_3 build has no fp16 kernels"),
+            (call.key_padding, "VARLEN", "a key-padding mask needs varlen kernels, which this flash_attn_3 build lacks"),
+    ):
+        if needed and flags.get("FLASHATTENTION_DISABLE_" + switch):
+            reasons.append(f"{what}; {fix.format(switch)}")
+    built = [d for d in FA3_HEAD_DIMS if not flags.get(f"FLASHATTENTION_DISABLE_HDIM{d}")]
+    if not any(call.head_dim <= d for d in built):
+        reasons.append(f"head_dim {call.head_dim} is above every head dim this flash_attn_3 build has kernels for "
+                       f"({', '.join(map(str, built)) or 'none'}); rebuild it without FLASH_ATTENTION_DISABLE_HDIM"
+                       f"{next(d for d in FA3_HEAD_DIMS if call.head_dim <= d)}")
+    return reasons
 
 
 register_op(FlashAttn3Backend)

@@ -25,6 +25,7 @@ from typing import List
 import torch
 
 from ._third_party import ThirdPartyBackend, register_op, run_flash_api
+from .flash_attn3 import read_fa3_build_flags
 
 #: e4m3's largest finite value.
 E4M3_MAX = 448.0
@@ -100,7 +101,15 @@ class FlashAttn3Fp8Backend(ThirdPartyBackend):
     kernel = staticmethod(flash_attn3_fp8_kernel)
 
     def smoke_test(self, module, device: torch.device) -> List[str]:
-        """A build without fp8 kernels imports and serves bf16; only an fp8 call tells."""
+        """A build without fp8 kernels imports and serves bf16. Its switches say so where the build wrote
+        them (``flash_attn_config``; an fp8 call into such a build may crash the process rather than raise,
+        as softcap and backward calls did on an H200, 2026-11-30); older builds are asked with an fp8 call."""
+        flags = read_fa3_build_flags()
+        if flags:
+            if flags.get("FLASHATTENTION_DISABLE_FP8"):
+                return ["this flash_attn_3 build has no fp8 kernels (built with FLASH_ATTENTION_DISABLE_FP8): "
+                        "rebuild it without FLASH_ATTENTION_DISABLE_FP8"]
+            return []
         x = torch.randn(1, 128, 1, 64, device=device, dtype=torch.bfloat16)
         try:
             flash_attn3_fp8_kernel(module, x, x, x, None, False, None, 0.0)

@@ -343,13 +343,28 @@ LIBRARIES = {
 }
 
 
+def _fa3_config_module(disabled) -> types.ModuleType:
+    """FA3's ``flash_attn_config`` as its setup.py writes it, with the FLASHATTENTION_DISABLE_<X> switches
+    of ``disabled`` (names such as "SOFTCAP", "BACKWARD", "HDIM256") on."""
+    switches = ("BACKWARD", "SPLIT", "PAGEDKV", "APPENDKV", "LOCAL", "SOFTCAP", "PACKGQA", "FP16", "FP8", "VARLEN",
+                "CLUSTER", "HDIM64", "HDIM96", "HDIM128", "HDIM192", "HDIM256", "SM8x")
+    unknown = set(disabled) - set(switches)
+    assert not unknown, unknown
+    m = types.ModuleType("flash_attn_config")
+    m.CONFIG = {"build_flags": {f"FLASHATTENTION_DISABLE_{x}": x in disabled for x in switches}}
+    return m
+
+
 def modules_for(backend: str, *, fa3_returns_lse: bool = False, sage_version: Optional[int] = None,
-                sage_mutates_k: bool = True) -> Dict[str, types.ModuleType]:
-    """The sys.modules entries that stand in for ``backend``'s library."""
+                sage_mutates_k: bool = True, fa3_disabled=None) -> Dict[str, types.ModuleType]:
+    """The sys.modules entries that stand in for ``backend``'s library. ``fa3_disabled``: FA3's build
+    switches that were on (a ``flash_attn_config`` is written then; None: a build without that file)."""
     if backend == "flash_attn":
         return {"flash_attn": _fa2_module()}
     if backend in ("flash_attn3", "flash_attn3_fp8"):
-        return {"flash_attn_interface": _fa3_module(fa3_returns_lse)}
+        mods = {"flash_attn_interface": _fa3_module(fa3_returns_lse)}
+        mods["flash_attn_config"] = _fa3_config_module(fa3_disabled) if fa3_disabled is not None else None
+        return mods
     if backend == "flash_attn4":
         pkg = types.ModuleType("flash_attn")
         cute = _fa4_module()
