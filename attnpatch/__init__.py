@@ -38,7 +38,8 @@ __version__ = "0.1.0"
 
 
 def backends() -> List[BackendInfo]:
-    """Every registered backend: available?, why not, version, lossy?, backward?.
+    """Every registered backend: available?, why not, version, lossy?, backward?, and why auto leaves an
+    available one out on this machine (``auto_note``).
 
     Probes each backend once (at the first call of this function or of the backend)."""
     from . import controls, registry
@@ -53,7 +54,7 @@ def backends() -> List[BackendInfo]:
         out.append(BackendInfo(
             name=b.NAME, available=not reasons, reasons=reasons, version=b.version(), lossy=b.LOSSY,
             backward=b.SUPPORTS_BACKWARD, package=b.PACKAGE or "torch", description=b.DESCRIPTION,
-            disabled=b.NAME in disabled,
+            disabled=b.NAME in disabled, auto_note=registry.auto_left_out_here(b) if not reasons else None,
         ))
     return out
 

@@ -268,6 +268,7 @@ def cmd_info(args) -> int:
     info["backends"] = [{
         "name": b.name, "available": b.available, "why_not": b.why_not or None, "version": b.version,
         "lossy": b.lossy, "backward": b.backward, "package": b.package, "disabled": b.disabled,
+        "auto_note": b.auto_note,
         "how_to_get": installs.how_to_get(b), "aliases": [a.name for a in aliases.aliases_of(b.name)],
     } for b in attnpatch.backends()]
     info["extras"] = dict(installs.EXTRAS)
@@ -288,7 +289,7 @@ def cmd_info(args) -> int:
     print()
     rows = [(b["name"], "yes" if b["available"] else "no", b["version"] or "-", "yes" if b["lossy"] else "no",
              "yes" if b["backward"] else "no", ("DISABLED by ATTNPATCH_DISABLE; " if b["disabled"] else "")
-             + (b["why_not"] or "")) for b in info["backends"]]
+             + (b["why_not"] or b["auto_note"] or "")) for b in info["backends"]]
     print(table(rows, ["backend", "available", "version", "lossy", "backward", "why not"]))
     missing = [b for b in info["backends"] if not b["available"] and b["how_to_get"]]
     if missing:

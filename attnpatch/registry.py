@@ -48,10 +48,29 @@ def device_class_keys(call: Call) -> tuple:
 
 def auto_left_out(backend: "Backend", call: Call) -> Optional[str]:
     """Why auto leaves ``backend`` out for ``call``'s device class (its ``AUTO_LEFT_OUT``), or None."""
-    for key in device_class_keys(call):
+    return _left_out_note(backend, device_class_keys(call))
+
+
+def _left_out_note(backend: "Backend", keys) -> Optional[str]:
+    for key in keys:
         if key in backend.AUTO_LEFT_OUT:
             return f"auto leaves it out on {key}: {backend.AUTO_LEFT_OUT[key]}; name it (backend=, use_backend, a recipe) to use it"
     return None
+
+
+def local_device_class_keys() -> tuple:
+    """The ``AUTO_PRIORITY`` keys of this machine's devices: each visible GPU's ("cuda_sm90", "cuda"), then "cpu"."""
+    keys = []
+    if cuda_available():
+        for i in range(torch.cuda.device_count()):
+            major, minor = torch.cuda.get_device_capability(i)
+            keys += [f"cuda_sm{major}{minor}", "cuda"]
+    return tuple(dict.fromkeys(keys + ["cpu"]))
+
+
+def auto_left_out_here(backend: "Backend") -> Optional[str]:
+    """`auto_left_out` for the devices of this machine (what `attnpatch.backends()` and `attnpatch info` show)."""
+    return _left_out_note(backend, local_device_class_keys())
 
 
 def _dtype_name(dt) -> str:
@@ -363,6 +382,8 @@ class BackendInfo:
     package: Optional[str]
     description: str
     disabled: bool = False
+    #: why auto never picks it on this machine's devices (its ``AUTO_LEFT_OUT``), or None
+    auto_note: Optional[str] = None
 
     @property
     def why_not(self) -> str:

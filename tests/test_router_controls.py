@@ -370,6 +370,24 @@ def test_auto_leaves_out_what_its_device_class_declares_and_says_why(fake):
     assert CALLS["fake_left_out"] == 1
     e = attnpatch.explain(q, k, v, backend="fake_left_out")
     assert e.backend == "fake_left_out" and e.reasons["fake_left_out"] == []
+    # attnpatch.backends() and `attnpatch info` say it too, for this machine's devices
+    info = {b.name: b for b in attnpatch.backends()}
+    assert info["fake_left_out"].available and info["fake_left_out"].auto_note.startswith("auto leaves it out on cpu")
+    assert info["eager"].auto_note is None
+
+
+@pytest.mark.parametrize("fake", [_LeftOut], indirect=True)
+def test_attnpatch_info_shows_why_auto_leaves_a_backend_out(fake, capsys):
+    import json
+
+    from attnpatch import cli
+
+    assert cli.main(["info"]) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("fake_left_out"))
+    assert "auto leaves it out on cpu: it costs a fresh process more than it gains" in line
+    assert cli.main(["info", "--json"]) == 0
+    rows = {b["name"]: b for b in json.loads(capsys.readouterr().out)["backends"]}
+    assert rows["fake_left_out"]["auto_note"].startswith("auto leaves it out on cpu") and rows["sdpa"]["auto_note"] is None
 
 
 def test_flash_attn4_is_left_out_of_auto_on_hopper_only():
