@@ -393,7 +393,9 @@ def calibrate(target, run: Callable[[Any], Any], *, candidates: Optional[Sequenc
 
     Args:
         candidates: backend names to consider (default: every available backend except the slow
-            reference kernels, ``AUTOTUNE_TIMED = False``). The exact reference is always measured.
+            reference kernels, ``AUTOTUNE_TIMED = False``, and those auto leaves out on the device, its
+            ``AUTO_LEFT_OUT``: FlashAttention 4 on sm90, whose cold start a recipe would pay in every
+            fresh process; name them here to measure them anyway). The exact reference is always measured.
         budget: the most bytes one captured sample may hold (`attnpatch.capture`).
         min_psnr / max_error / bound_on: the end-to-end bound (see `Bound`); default ``min_psnr=35``.
         site_max_error: the largest relative L2 error a lossy backend may have on a site's samples.

@@ -211,14 +211,18 @@ class Capture:
             return info
         reference = self.reference_for(call)
         env = controls.env_settings()
-        names = self.candidate_names
+        names, named = self.candidate_names, True
         if names is None:
+            named = False
             names = tuple(b.NAME for b in registry.all_backends()
                           if getattr(b, "AUTOTUNE_TIMED", True) and b.NAME != self.name and not b.availability())
         candidates, refused = [], {}
         for name in names:
             b = registry.get_backend(name)
             reasons = ["disabled by ATTNPATCH_DISABLE"] if name in env.disabled else b.not_supported_reasons(call)
+            left_out = None if named or reasons else registry.auto_left_out(b, call)
+            if left_out:  # a recipe naming it would pay its cold start in every fresh process; candidates= may name it
+                reasons = [left_out]
             if reasons:
                 refused[name] = "; ".join(reasons)
             elif name != reference:

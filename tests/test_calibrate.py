@@ -354,6 +354,32 @@ def test_remove_leaves_the_model_as_it_was():
     assert torch.equal(run(net), ref)
 
 
+class LeftOut(SdpaBackend):
+    """Test-only exact backend that auto leaves out on this device class (as FlashAttention 4 on sm90:
+    as fast as the best, but seconds of import and kernel compilation in every fresh process)."""
+
+    NAME = "test_left_out"
+    AUTO_PRIORITY: dict = {}
+    AUTO_LEFT_OUT = {"cpu": "a fresh process pays seconds to import it"}
+
+
+def test_default_candidates_leave_out_what_auto_leaves_out():
+    """A calibrated recipe naming such a backend would pay its cold start in every fresh process, which
+    a calibrated recipe exists to avoid; naming it in candidates= is the way to measure it anyway."""
+    registry.register_backend(LeftOut, replace=True)
+    try:
+        call = build_call(*(torch.randn(1, 4, 300, 16) for _ in range(3)), "bnsd", None, False, None, 0.0,
+                          False, False)[0]
+        info = capture.Capture().info_for(call)
+        assert LeftOut.NAME not in info.candidates
+        assert info.refused[LeftOut.NAME].startswith("auto leaves it out on cpu: a fresh process pays seconds")
+        assert Quantized.NAME in info.candidates  # the defaults otherwise unchanged
+        named = capture.Capture(candidates=[LeftOut.NAME, Quantized.NAME]).info_for(call)
+        assert set(named.candidates) == {LeftOut.NAME, Quantized.NAME}
+    finally:
+        registry.unregister_backend(LeftOut.NAME)
+
+
 def test_refuses_a_patched_target_and_use_backend():
     net = make_net()
     p = attnpatch.apply(net)
