@@ -161,6 +161,11 @@ class Call:
             self.sinks, self.return_lse, self.last_dim_contiguous,
         )
 
+    @property
+    def softcap_text(self) -> str:
+        """``softcap=<value>``; in a traced call's decision only its presence is known (`router._traced_forward`)."""
+        return "softcap (value not part of a compiled decision)" if self.compiling else f"softcap={self.softcap}"
+
     def describe(self) -> str:
         """One line for error messages: shapes in bnsd terms and every flag."""
         mask = "none" if self.mask_kind == "none" else f"{self.mask_kind} {tuple(self.mask_shape)}"
@@ -174,7 +179,7 @@ class Call:
         if self.window is not None:
             extra += f", window={self.window}"
         if self.softcap is not None:
-            extra += f", softcap={self.softcap}"
+            extra += f", {self.softcap_text}"
         if self.sinks:
             extra += ", sinks"
         if self.return_lse:
@@ -314,9 +319,13 @@ def check_window(window, where: str = "window") -> Optional[Tuple[Optional[int],
 def check_softcap(softcap) -> Optional[float]:
     if softcap is None:
         return None
-    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not math.isfinite(softcap) or softcap <= 0:
-        _fail(f"softcap must be None or a finite float > 0 (scores become tanh(s / c) * c), got {softcap!r}")
-    return float(softcap)
+    if not isinstance(softcap, bool) and isinstance(softcap, (int, float)):
+        softcap = float(softcap)
+        # comparisons, not math.isfinite: under torch.compile(dynamic=True) the value may be symbolic
+        # (a guard then); NaN fails both
+        if 0 < softcap < math.inf:
+            return softcap
+    _fail(f"softcap must be None or a finite float > 0 (scores become tanh(s / c) * c), got {softcap!r}")
 
 
 def build_call(query, key, value, layout: str, attn_mask, is_causal: bool, scale, dropout_p: float,

@@ -309,7 +309,7 @@ class Backend:
         if call.window is not None and not self.SUPPORTS_WINDOW:
             reasons.append(f"sliding window {call.window} is not supported")
         if call.softcap is not None and not self.SUPPORTS_SOFTCAP:
-            reasons.append(f"softcap={call.softcap} is not supported")
+            reasons.append(f"{call.softcap_text} is not supported")
         if call.sinks and not self.SUPPORTS_SINKS:
             if not self.SUPPORTS_LSE:
                 reasons.append("attention sinks are not supported (no native sinks and no log-sum-exp to rescale by)")

@@ -883,8 +883,14 @@ def _traced_forward(site, query, key, value, layout, attn_mask, is_causal, scale
         res = res.reshape(tuple(query.shape[:-3]) + tuple(res.shape[1:])) if lead_rank else res[0]
         return res if lse is None else (res, lse.reshape(tuple(query.shape[:-3]) + tuple(lse.shape[1:])) if lead_rank else lse[0])
     # a literal for no features: reading NO_FEATURES' fields would add guards on that global to every call
+    # With dynamic=True dynamo holds a Python int or float that is not a literal in the traced code (a
+    # closure's, a config's) as symbolic, and the decision's static key must be constants: window edges
+    # are specialised (index(): a guard); softcap's value takes no part in any decision, so the key holds
+    # 1.0 for it and the runner gets the real (maybe symbolic) value
     feats = (None, None, False, False) if features is None else (
-        features.window, features.softcap, features.sinks, features.return_lse)
+        None if features.window is None else tuple(None if e is None else operator.index(e) for e in features.window),
+        None if features.softcap is None else 1.0, features.sinks, features.return_lse)  # a literal: a global
+    # float would itself be symbolic under dynamic=True
     grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
     b, hq, sq, d = split_dims(layout, query.shape)
     _, hk, skv, _ = split_dims(layout, key.shape)
@@ -915,6 +921,8 @@ def _traced_forward(site, query, key, value, layout, attn_mask, is_causal, scale
     lengths = _representatives(sq, skv, limits, relation, torch.compiler.is_exporting())
     name, fields = _compile_decision(static, lengths, bk, ctx, token)
     call = Call(*fields)
+    if features is not None and features.softcap is not None:
+        call = dataclasses.replace(call, softcap=features.softcap)
     chosen = registry.get_backend(name)
     run = _wrap(chosen.build(_build_call_for(chosen, call)), call, spec, chosen)
     if sinks is None:

@@ -220,3 +220,21 @@ def test_compiled_call_runs_no_python_guard_beyond_stock(monkeypatch):
     routed = _python_guard_calls(torch.compile(lambda q, k, v: attnpatch.attention_forward(q, k, v),
                                                fullgraph=True, backend="eager"), q, k, v)
     assert routed <= stock
+
+
+@pytest.mark.parametrize("backend", [None, "eager", "sdpa"])
+def test_window_and_softcap_held_in_variables_compile_with_dynamic_shapes(backend):
+    """With dynamic=True dynamo holds ints and floats that are not literals in the traced code (a
+    closure's, a config's) as symbolic: the window edges and softcap must be specialised into the
+    decision's static key (it failed with "assume_constant_result argument conversion failed")."""
+    torch._dynamo.reset()
+    kw = dict(window=(2, 1), softcap=4.0)
+
+    def f(q, k, v):
+        return attnpatch.attention_forward(q, k, v, backend=backend, **kw)
+
+    compiled = torch.compile(f, dynamic=True, backend="aot_eager", fullgraph=True)
+    for sq, skv in ((6, 10), (9, 13)):
+        q, k, v = (torch.randn(1, 2, s, 16) for s in (sq, skv, skv))
+        ref = attnpatch.attention_forward(q.double(), k.double(), v.double(), backend="eager", **kw)
+        torch.testing.assert_close(compiled(q, k, v).double(), ref, atol=1e-5, rtol=1e-4)

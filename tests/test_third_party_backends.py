@@ -398,6 +398,7 @@ SHRUNK_FA3 = ("BACKWARD", "SPLIT", "PAGEDKV", "APPENDKV", "SOFTCAP", "PACKGQA", 
     (("SOFTCAP",), dict(softcap=5.0), "softcap=5.0 but this flash_attn_3 build has no softcap kernels"),
     (("BACKWARD",), dict(grad=True), "gradients are needed but this flash_attn_3 build has no backward kernels"),
     (("LOCAL",), dict(window=(2, 2)), "sliding window (2, 2) but this flash_attn_3 build has no local kernels"),
+    (("LOCAL",), dict(is_causal=True, skv=8), "causal with more queries (12) than keys (8) runs as a window"),
     (("FP16",), dict(), "float16 but this flash_attn_3 build has no fp16 kernels"),
     (("VARLEN",), dict(mask=True), "a key-padding mask needs varlen kernels"),
     (("HDIM96", "HDIM128", "HDIM192", "HDIM256"), dict(d=128),
@@ -407,8 +408,8 @@ def test_flash_attn3_refuses_what_its_build_left_out_without_calling_it(standin,
     """A call into kernels a shrunk FA3 build compiled out crashed the process on an H200 (2026-11-30)
     instead of raising: the build's switches (flash_attn_config) are read, and the call is refused."""
     standin("flash_attn3", fa3_disabled=disabled)
-    d = kw.pop("d", 64)
-    q, k, v = qkv(b=3, sq=12, skv=12, d=d)
+    d, skv = kw.pop("d", 64), kw.pop("skv", 12)
+    q, k, v = qkv(b=3, sq=12, skv=skv, d=d)
     if kw.pop("grad", False):
         q, k, v = (t.requires_grad_() for t in (q, k, v))
     if kw.pop("mask", False):
@@ -448,6 +449,26 @@ def test_flash_attn3_fp8_reads_its_build_instead_of_trying_an_fp8_call(standin, 
     assert not called and reasons and "FLASH_ATTENTION_DISABLE_FP8" in reasons[0]
     backend = standin("flash_attn3_fp8", fa3_disabled=())
     assert backend.smoke_test(backend.standin_modules["flash_attn_interface"], torch.device("cpu")) == []
+
+
+@pytest.mark.parametrize("name", ["flash_attn", "flash_attn3"])
+def test_compiled_window_decisions_guard_the_length_relation(standin, name):
+    """FA2 refuses a bounded right window edge with more queries than keys (it drops the edge), and a FA3
+    build without local kernels refuses causal with more queries than keys (served by a window): both
+    depend on seq_q vs seq_kv, so a compiled graph traced with fewer queries must not serve more."""
+    kw = dict(window=(None, 1)) if name == "flash_attn" else dict(is_causal=True)
+    standin(name, **({} if name == "flash_attn" else dict(fa3_disabled=("LOCAL",))))
+    torch._dynamo.reset()
+
+    def f(q, k, v):
+        return attnpatch.attention_forward(q, k, v, backend=name, **kw)
+
+    compiled = torch.compile(f, dynamic=True, backend="aot_eager", fullgraph=True)
+    for sq, skv in ((6, 10), (7, 11), (13, 8), (16, 4)):
+        q, k, v = qkv(b=1, hq=2, hkv=2, sq=sq, skv=skv, d=16)
+        close(compiled(q, k, v), reference(q, k, v, **kw))
+    if name == "flash_attn3":  # its stand-in computes windows whatever the build: the crash is what is modelled
+        assert CALLS and all(c[1]["window_size"] == (-1, -1) for c in CALLS), CALLS
 
 
 @pytest.mark.parametrize("name", ["flash_attn", "flash_attn3"])

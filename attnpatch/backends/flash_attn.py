@@ -49,6 +49,9 @@ class FlashAttnBackend(ThirdPartyBackend):
     SUPPORTS_CAUSAL_WITH_MASK = False
     SUPPORTS_WINDOW = True
     SUPPORTS_SOFTCAP = True
+    # a bounded right window edge is refused with more queries than keys (`window_reasons`): compiled
+    # graphs guard on seq_q vs seq_kv
+    NEEDS_LENGTH_RELATION = True
     SUPPORTED_DTYPES = frozenset({torch.float16, torch.bfloat16})
     SUPPORTED_MASKS = frozenset({"none", "bool"})
     KEY_PADDING_MASKS_ONLY = True

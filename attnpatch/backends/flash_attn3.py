@@ -64,7 +64,7 @@ class FlashAttn3Backend(ThirdPartyBackend):
 
     kernel = staticmethod(flash_attn3_kernel)
 
-    #: the build's switches (``flash_attn_config.CONFIG["build_flags"]``), read by `smoke_test`; {} if unknown
+    #: the build's switches (``flash_attn_config.CONFIG["build_flags"]``), read by `check_extension`; {} if unknown
     build_flags: dict = {}
 
     def check_extension(self, module) -> List[str]:
@@ -72,6 +72,9 @@ class FlashAttn3Backend(ThirdPartyBackend):
         never tried: a call that a shrunk build compiled out (softcap, backward) crashes the process
         instead of raising (H200, 2026-11-30), so each missing feature becomes a reason in `call_reasons`."""
         self.build_flags = read_fa3_build_flags()
+        # without local kernels, causal with more queries than keys (a window, `causal_plan`) is refused:
+        # compiled graphs must then guard on seq_q vs seq_kv
+        self.NEEDS_LENGTH_RELATION = bool(self.build_flags.get("FLASHATTENTION_DISABLE_LOCAL"))
         return []
 
     def call_reasons(self, call: Call):
@@ -102,8 +105,12 @@ def build_flag_reasons(flags: dict, call: Call) -> List[str]:
     reasons = []
     for needed, switch, what in (
             (call.needs_grad, "BACKWARD", "gradients are needed but this flash_attn_3 build has no backward kernels"),
-            (call.softcap is not None, "SOFTCAP", f"softcap={call.softcap} but this flash_attn_3 build has no softcap kernels"),
+            (call.softcap is not None, "SOFTCAP", f"{call.softcap_text} but this flash_attn_3 build has no softcap kernels"),
             (call.window is not None, "LOCAL", f"sliding window {call.window} but this flash_attn_3 build has no local kernels"),
+            (call.window is None and call.is_causal and call.seq_q > call.seq_kv
+             and (call.symbolic_lengths or call.seq_q < 2 * call.seq_kv), "LOCAL",
+             f"causal with more queries ({call.seq_q}) than keys ({call.seq_kv}) runs as a window, but this "
+             "flash_attn_3 build has no local kernels"),
             (call.dtype == torch.float16, "FP16", "float16 but this flash_attn_3 build has no fp16 kernels"),
             (call.key_padding, "VARLEN", "a key-padding mask needs varlen kernels, which this flash_attn_3 build lacks"),
     ):
