@@ -318,15 +318,17 @@ def fake(request):
             attnpatch.unregister_backend(cls.NAME)
 
 
-class _ProbedLossy(_Lossy):
-    """A lossy backend that counts how often the router asks what it supports (its package's import,
-    for a real kernel: SageAttention 2's took 0.28 s of a fresh process on an H200)."""
-
-    NAME = "fake_probed_lossy"
+class _CountsProbes:
+    """Counts how often the router asks the backend what it supports (for a real kernel: its package's
+    import; SageAttention 2's took 0.28 s of a fresh process on an H200)."""
 
     def not_supported_reasons(self, call):
         CALLS["probe:" + self.NAME] += 1
         return super().not_supported_reasons(call)
+
+
+class _ProbedLossy(_CountsProbes, _Lossy):
+    NAME = "fake_probed_lossy"
 
 
 @pytest.mark.parametrize("fake", [_ProbedLossy], indirect=True)
@@ -344,17 +346,13 @@ def test_auto_without_the_lossy_opt_in_never_probes_a_lossy_backend(fake):
     assert CALLS["fake_probed_lossy"] == 1
 
 
-class _LeftOut(_Recording):
+class _LeftOut(_CountsProbes, _Recording):
     """Exact and fast once running, but too costly for a fresh process on this device class (as
     FlashAttention 4 on Hopper: ~5 s to import, ~2 s to compile each kernel, H200 2026-11-30)."""
 
     NAME = "fake_left_out"
     AUTO_PRIORITY = {"cuda": -100}  # first everywhere else, so only AUTO_LEFT_OUT keeps auto off it
     AUTO_LEFT_OUT = {"cpu": "it costs a fresh process more than it gains"}
-
-    def not_supported_reasons(self, call):
-        CALLS["probe:" + self.NAME] += 1
-        return super().not_supported_reasons(call)
 
 
 @pytest.mark.parametrize("fake", [_LeftOut], indirect=True)
