@@ -30,7 +30,8 @@
 #   calls (the parts of libs-cu13 apart) into DIR/fa4-wheels, then run this.
 # * fa2: FlashAttention 2 (csrc/flash_attn) shrunk to forward, fp16/bf16, head dims 64 and 128 (24 of its
 #   ~100 kernel units; larger head dims raise, backward raises): 543 s with 12 jobs beside other builds
-#   (H200 box, 2026-11-30). The full build does not fit one 10-minute call.
+#   (H200 box, 2026-11-30). The full build does not fit one 10-minute call. FA2_HDIMS="64" keeps head dim
+#   64 only (12 units; larger head dims raise).
 # * xformers: xFormers 0.0.35 (tag v0.0.35, a git archive: DIR/xformers-03b91d7.tar.gz) with CUTLASS's
 #   include/ and tools/util/include/ (DIR/xformers-cutlass-8afb19d.tar.gz, its pinned commit, else the
 #   kept cutlass-*-include tarball). Its extension holds no attention kernels: on CUDA its dispatcher runs
@@ -84,27 +85,23 @@ fa2() {
   cd "$DIR/fa2/src" && "$PY" - <<'PYEOF' || return 1
 import re
 s = open("setup.py").read()
+import os
+dims = [int(d) for d in os.environ.get("FA2_HDIMS", "64 128").split()]
+assert dims and set(dims) <= {64, 128}, f"FA2_HDIMS: 64 and/or 128, got {dims}"
 s = re.sub(r'\n\s*"csrc/flash_attn/src/flash_(bwd|fwd|fwd_split|fwd_split_align)_hdim(\d+)_[^"]*\.cu",',
-           lambda m: m.group(0) if m.group(1) != "bwd" and m.group(2) in ("64", "128") else "", s)
+           lambda m: m.group(0) if m.group(1) != "bwd" and int(m.group(2)) in dims else "", s)
 assert s.count("feature_flags = []") == 1
 s = s.replace("feature_flags = []", 'feature_flags = ["-DFLASHATTENTION_DISABLE_BACKWARD"]')
 open("setup.py", "w").write(s)
 h = "csrc/flash_attn/src/static_switch.h"
 t = open(h).read()
 i = t.index("#define HEADDIM_SWITCH")
-t = t[:i] + """#define HEADDIM_SWITCH(HEADDIM, ...)   \\
-  [&] {                                    \\
-    if (HEADDIM <= 64) {                   \\
-      constexpr static int kHeadDim = 64;  \\
-      return __VA_ARGS__();                \\
-    } else if (HEADDIM <= 128) {           \\
-      constexpr static int kHeadDim = 128; \\
-      return __VA_ARGS__();                \\
-    } else {                               \\
-      throw std::runtime_error("this FlashAttention 2 build has head dims 64 and 128 only"); \\
-    }                                      \\
-  }()
-"""
+branches = "".join(
+    f"    {'if' if n == 0 else '} else if'} (HEADDIM <= {d}) {{ constexpr static int kHeadDim = {d}; return __VA_ARGS__(); \\\n"
+    for n, d in enumerate(sorted(dims)))
+t = t[:i] + ("#define HEADDIM_SWITCH(HEADDIM, ...) \\\n  [&] { \\\n" + branches +
+             f'    }} else {{ throw std::runtime_error("this FlashAttention 2 build has head dims {dims} only"); }} \\\n'
+             "  }()\n")
 open(h, "w").write("#include <stdexcept>\n" + t)
 a = "csrc/flash_attn/flash_api.cpp"
 c = open(a).read()

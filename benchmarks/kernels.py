@@ -256,8 +256,11 @@ def run_case(c, dtname, dt, args, dev, bench, peak, infos):
                          lossy=bk.LOSSY)
         entry["wall_s"] = time.perf_counter() - t0
         left_out = registry.auto_left_out(bk, call)
-        if left_out:  # timed and shown, but not among what auto may pick here (FlashAttention 4 on sm90)
-            entry["auto_left_out"] = left_out
+        if not left_out and not any(key in bk.AUTO_PRIORITY for key in registry.device_class_keys(call)):
+            left_out = (f"auto never picks it on {registry.device_class_keys(call)[0]} (no AUTO_PRIORITY there); "
+                        "name it (backend=, use_backend, a recipe) or let calibrate measure it")
+        if left_out:  # timed and shown, but not among what auto may pick here (FlashAttention 4 on sm90,
+            entry["auto_left_out"] = left_out  # flash_attn3_fp8 everywhere)
         res["backends"][bk.NAME] = entry
         if dev.type == "cuda":
             torch.cuda.empty_cache()
@@ -355,7 +358,8 @@ def write_markdown(path, meta, results):
             f"{fmt(s.get('over_auto'), '.2f')} | {fmt(s.get('relerr'), '.1e')}{' (lossy)' if s.get('lossy') else ''} |")
     L.append("")
     L.append("`fastest exact`: among the backends auto may pick here (one its `AUTO_LEFT_OUT` keeps out, such as "
-             "FlashAttention 4 on sm90, is timed and listed below but not compared). "
+             "FlashAttention 4 on sm90, or one with no `AUTO_PRIORITY` for the device, such as `flash_attn3_fp8`, "
+             "is timed and listed below but not compared; the lossy table too). "
              "`auto / fastest`: auto's own timing over the fastest exact backend's (includes run-to-run noise); "
              "`pick / fastest`: the backend auto chose, timed in the same sweep, over the fastest (selection "
              "quality alone). ⚠ marks shapes over the 3% target.")
