@@ -238,3 +238,36 @@ def test_window_and_softcap_held_in_variables_compile_with_dynamic_shapes(backen
         q, k, v = (torch.randn(1, 2, s, 16) for s in (sq, skv, skv))
         ref = attnpatch.attention_forward(q.double(), k.double(), v.double(), backend="eager", **kw)
         torch.testing.assert_close(compiled(q, k, v).double(), ref, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_export_takes_the_traced_path(strict):
+    """`route` tells tracing from eager calls without `torch.compiler.is_compiling()` (cheaper per call):
+    dynamo's tracing (strict export, torch.compile) and torch.export's non-strict tracing (the flag that
+    `is_compiling()` reads) must both decide at trace time, never cache an eager plan of fake tensors."""
+    class M(torch.nn.Module):
+        def forward(self, q, kv):
+            return attnpatch.attention_forward(q, kv, kv)
+
+    q, kv = torch.randn(1, 4, 8, 16), torch.randn(1, 2, 8, 16)
+    plans_before = len(router._PLANS)
+    ep = torch.export.export(M(), (q, kv), strict=strict)
+    assert router.compiled_decisions_of(None), "the export was not routed through the traced path"
+    assert len(router._PLANS) == plans_before
+    q2, kv2 = torch.randn(1, 4, 8, 16), torch.randn(1, 2, 8, 16)
+    torch.testing.assert_close(ep.module()(q2, kv2), F.scaled_dot_product_attention(q2, kv2, kv2, enable_gqa=True))
+
+
+def test_pinned_operators_are_called_through_torchs_generated_bindings():
+    """The eager runners call torch's generated binding of each pinned operator (``torch.<name>``: the
+    cheapest entry, ~2.6 µs per call less than the OpOverload's ``_op`` on the CPU), and the OpOverload
+    while tracing (what dynamo traces); an operator torch lacks is None."""
+    from attnpatch.backends._sdpa_common import aten_op
+
+    name = "_scaled_dot_product_flash_attention_for_cpu"
+    assert aten_op(name, False) is getattr(torch, name)
+    assert aten_op(name, True) is getattr(torch.ops.aten, name).default
+    assert aten_op("_no_such_attention_operator", False) is None
+    q = torch.randn(1, 2, 8, 16)
+    out = attnpatch.attention_forward(q, q, q, backend="sdpa_flash")
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, q, q))
