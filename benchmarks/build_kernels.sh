@@ -30,8 +30,10 @@
 #   calls (the parts of libs-cu13 apart) into DIR/fa4-wheels, then run this.
 # * fa2: FlashAttention 2 (csrc/flash_attn) shrunk to forward, fp16/bf16, head dims 64 and 128 (24 of its
 #   ~100 kernel units; larger head dims raise, backward raises): 543 s with 12 jobs beside other builds
-#   (H200 box, 2026-11-30). The full build does not fit one 10-minute call. FA2_HDIMS="64" keeps head dim
-#   64 only (12 units; larger head dims raise).
+#   (H200 box, 2026-11-30), 662 s with 16 jobs beside other builds. The full build does not fit one 10-minute
+#   call. FA2_HDIMS="64" keeps head dim 64 only (12 units; larger head dims raise). ALiBi is compiled out too
+#   (FLASHATTENTION_DISABLE_ALIBI: half the kernel variants per unit; attnpatch never passes alibi_slopes, and
+#   FA2 itself refuses them in such a build: "This flash attention build does not support alibi").
 # * xformers: xFormers 0.0.35 (tag v0.0.35, a git archive: DIR/xformers-03b91d7.tar.gz) with CUTLASS's
 #   include/ and tools/util/include/ (DIR/xformers-cutlass-8afb19d.tar.gz, its pinned commit, else the
 #   kept cutlass-*-include tarball). Its extension holds no attention kernels: on CUDA its dispatcher runs
@@ -75,7 +77,7 @@ fa3() {
 
 fa2() {
   # FlashAttention 2 (csrc/flash_attn) shrunk to attnpatch's matrix: forward only (its own
-  # FLASHATTENTION_DISABLE_BACKWARD, plus run_mha_bwd's body guarded so no backward kernel is referenced),
+  # FLASHATTENTION_DISABLE_BACKWARD, plus run_mha_bwd's body guarded so no backward kernel is referenced), no ALiBi,
   # fp16 and bf16, head dims 64 and 128 (HEADDIM_SWITCH: d <= 64 runs the 64 kernel, d <= 128 the 128 one,
   # larger raises), sm90 code of its sm80 kernels. 24 kernel translation units of the ~100.
   rm -rf "$DIR/fa2" && mkdir -p "$DIR/fa2/src"
@@ -91,7 +93,7 @@ assert dims and set(dims) <= {64, 128}, f"FA2_HDIMS: 64 and/or 128, got {dims}"
 s = re.sub(r'\n\s*"csrc/flash_attn/src/flash_(bwd|fwd|fwd_split|fwd_split_align)_hdim(\d+)_[^"]*\.cu",',
            lambda m: m.group(0) if m.group(1) != "bwd" and int(m.group(2)) in dims else "", s)
 assert s.count("feature_flags = []") == 1
-s = s.replace("feature_flags = []", 'feature_flags = ["-DFLASHATTENTION_DISABLE_BACKWARD"]')
+s = s.replace("feature_flags = []", 'feature_flags = ["-DFLASHATTENTION_DISABLE_BACKWARD", "-DFLASHATTENTION_DISABLE_ALIBI"]')
 open("setup.py", "w").write(s)
 h = "csrc/flash_attn/src/static_switch.h"
 t = open(h).read()
