@@ -206,6 +206,18 @@ def driver_version():
         return "n/a"
 
 
+def _autotune_times(call) -> dict:
+    """The per-candidate times (ms) of auto's own measurement of ``call``'s signature in this process's
+    autotune cache, or {} (not timed: a shipped rule, a name)."""
+    from attnpatch import autotune
+
+    skey = autotune.signature_key(call)
+    for e in autotune.cached_choices():
+        if e.get("signature") == skey and e.get("times_ms"):
+            return {n: round(float(t), 4) for n, t in e["times_ms"].items()}
+    return {}
+
+
 def run_case(c, dtname, dt, args, dev, bench, peak, infos):
     name, b, hq, hkv, sq, skv, d, causal, mask = c
     fl = flops(b, hq, sq, skv, d, causal)
@@ -280,6 +292,9 @@ def run_case(c, dtname, dt, args, dev, bench, peak, infos):
                 e = attnpatch.explain(q, k, v, attn_mask=m, is_causal=causal)
                 r = record(key, auto_fn, bool(allow_lossy))
             r.update(chosen=e.backend, source=e.source, first_call_s=first_s)
+            timed = _autotune_times(call)
+            if timed:  # what auto's own timing read for each candidate (the sweep's times are do_bench's)
+                r["autotune_times_ms"] = timed
             return r
         except Exception as exc:
             return dict(error=f"{type(exc).__name__}: {exc}")
@@ -364,6 +379,14 @@ def write_markdown(path, meta, results):
              "`pick / fastest`: the backend auto chose, timed in the same sweep, over the fastest (selection "
              "quality alone). ⚠ marks shapes over the 3% target.")
     L.append("")
+    over = [r for r in results if (r.get("auto_over_fastest") or 0) > 1.03 and r.get("auto", {}).get("autotune_times_ms")]
+    if over:
+        L.append("auto's own timing (ms, `attnpatch.autotune`) on the rows over the target:")
+        L.append("")
+        for r in over:
+            times = ", ".join(f"{n} {t:.3f}" for n, t in sorted(r["auto"]["autotune_times_ms"].items(), key=lambda x: x[1]))
+            L.append(f"* {r['case']} {r['dtype']}: {times}")
+        L.append("")
     lossy_rows = [r for r in results if "auto_lossy" in r]
     if lossy_rows:
         L.append("## auto with the lossy opt-in vs the fastest eligible backend, lossy included")
@@ -543,7 +566,8 @@ def main(argv=None):
                 print(f"{res['case']:>20} {dtname}: fastest {res.get('fastest_exact')} "
                       f"auto={a.get('chosen')} ({a.get('source', a.get('error', ''))}) "
                       f"auto/fastest={fmt(res.get('auto_over_fastest'), '.3f')} "
-                      f"seed={res.get('seed', {}).get('backend')} [{res['wall_s']:.1f}s]", flush=True)
+                      f"seed={res.get('seed', {}).get('backend')} [{res['wall_s']:.1f}s]"
+                      + (f" autotune {a['autotune_times_ms']}" if a.get("autotune_times_ms") else ""), flush=True)
     except (Budget, KeyboardInterrupt) as exc:
         meta["interrupted"] = str(exc) or type(exc).__name__
         print(f"interrupted ({meta['interrupted']}); writing what was measured", flush=True)
