@@ -46,6 +46,15 @@ def device_class_keys(call: Call) -> tuple:
     return (call.device_type,)
 
 
+def auto_priority(backend: "Backend", call: Call) -> Optional[int]:
+    """``backend``'s ``AUTO_PRIORITY`` for ``call``'s device class (lower runs first), or None: auto
+    never picks it there."""
+    for key in device_class_keys(call):
+        if key in backend.AUTO_PRIORITY:
+            return backend.AUTO_PRIORITY[key]
+    return None
+
+
 def auto_left_out(backend: "Backend", call: Call) -> Optional[str]:
     """Why auto leaves ``backend`` out for ``call``'s device class (its ``AUTO_LEFT_OUT``), or None."""
     return _left_out_note(backend, device_class_keys(call))

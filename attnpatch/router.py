@@ -113,13 +113,6 @@ _WARNED: set = set()
 DECISIONS_MADE = [0]
 
 
-def _auto_priority(backend: registry.Backend, call: Call) -> Optional[int]:
-    for key in registry.device_class_keys(call):
-        if key in backend.AUTO_PRIORITY:
-            return backend.AUTO_PRIORITY[key]
-    return None
-
-
 def _resolve(arg_names, ctx: Optional[Scope], site: Optional[Scope], env: controls.EnvSettings):
     """Which layer decides: returns (names or AUTO, source label, strict, allow_lossy)."""
     strict = env.strict
@@ -150,7 +143,7 @@ def _reasons_for(backend: registry.Backend, call: Call, env: controls.EnvSetting
 def _auto_candidates(call: Call) -> List[registry.Backend]:
     ranked = []
     for b in registry.all_backends():
-        p = _auto_priority(b, call)
+        p = registry.auto_priority(b, call)
         if p is not None:
             ranked.append((p, b.NAME, b))
     ranked.sort(key=lambda t: (t[0], t[1]))
@@ -258,7 +251,7 @@ def _fill_rest(call: Call, env, reasons: Dict[str, List[str]]) -> None:
     for b in registry.all_backends():
         if b.NAME not in reasons:
             r = _reasons_for(b, call, env)
-            left_out = None if r or _auto_priority(b, call) is not None else registry.auto_left_out(b, call)
+            left_out = None if r or registry.auto_priority(b, call) is not None else registry.auto_left_out(b, call)
             reasons[b.NAME] = [left_out] if left_out else r
 
 
@@ -765,7 +758,7 @@ def _compile_limits(static, backend, ctx, site):
     for b in registry.all_backends():
         if b.availability() or probe.device_type not in b.SUPPORTED_DEVICES or probe.dtype not in b.SUPPORTED_DTYPES:
             continue
-        if b.NAME not in named and (_auto_priority(b, probe) is None or (b.LOSSY and not allow_lossy)):
+        if b.NAME not in named and (registry.auto_priority(b, probe) is None or (b.LOSSY and not allow_lossy)):
             continue
         relevant.append(b)
     return _length_limits_of(relevant, static)

@@ -209,8 +209,6 @@ def driver_version():
 def _autotune_times(call) -> dict:
     """The per-candidate times (ms) of auto's own measurement of ``call``'s signature in this process's
     autotune cache, or {} (not timed: a shipped rule, a name)."""
-    from attnpatch import autotune
-
     skey = autotune.signature_key(call)
     for e in autotune.cached_choices():
         if e.get("signature") == skey and e.get("times_ms"):
@@ -268,7 +266,7 @@ def run_case(c, dtname, dt, args, dev, bench, peak, infos):
                          lossy=bk.LOSSY)
         entry["wall_s"] = time.perf_counter() - t0
         left_out = registry.auto_left_out(bk, call)
-        if not left_out and not any(key in bk.AUTO_PRIORITY for key in registry.device_class_keys(call)):
+        if not left_out and registry.auto_priority(bk, call) is None:
             left_out = (f"auto never picks it on {registry.device_class_keys(call)[0]} (no AUTO_PRIORITY there); "
                         "name it (backend=, use_backend, a recipe) or let calibrate measure it")
         if left_out:  # timed and shown, but not among what auto may pick here (FlashAttention 4 on sm90,

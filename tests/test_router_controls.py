@@ -396,10 +396,10 @@ def test_flash_attn4_is_left_out_of_auto_on_hopper_only():
     fa4 = registry.get_backend("flash_attn4")
     call = dataclasses.replace(router.build_call(*qkv(), "bnsd", None, False, None, 0.0, False, False,
                                                  router.NO_FEATURES)[0], device_type="cuda", capability=(9, 0))
-    assert router._auto_priority(fa4, call) is None
+    assert registry.auto_priority(fa4, call) is None
     assert "import" in registry.auto_left_out(fa4, call)
     blackwell = dataclasses.replace(call, capability=(10, 0))
-    assert router._auto_priority(fa4, blackwell) is not None and registry.auto_left_out(fa4, blackwell) is None
+    assert registry.auto_priority(fa4, blackwell) is not None and registry.auto_left_out(fa4, blackwell) is None
 
 
 @pytest.mark.parametrize("fake", [_Lossy], indirect=True)
