@@ -70,16 +70,23 @@ MAX_SAMPLES = 15
 MIN_SAMPLE_MS = 0.2
 MAX_INNER = 32
 
-#: Calls shorter than this (ms, first estimate) are timed behind one call queued ahead of the start
-#: event, as they run in a model (the GPU busy, the host launching ahead): timed from an idle GPU, a
-#: sample also held the host's launch cost, which favoured kernels with a light Python wrapper. On an
-#: H200 (2026-11-30), FlashAttention 3 at Flux's shape timed 0.631 ms that way against cuDNN's 0.553,
-#: where back to back it runs 0.393 against 0.432 (its Python wrapper costs ~80 µs per call).
-PREFILL_BELOW_MS = 2.0
+#: Calls shorter than this (ms, first estimate) are timed with the GPU given a lead of that estimate
+#: first (`_stream_ms`), as they run in a model (the GPU busy, the host launching ahead): timed from an
+#: idle GPU, a sample also held the host's launch cost, which favoured kernels with a light Python
+#: wrapper. On an H200 (2026-11-30), FlashAttention 3 at Flux's shape timed 0.631 ms that way against
+#: cuDNN's 0.553, where back to back it runs 0.393 against 0.432 (its Python wrapper costs ~80 µs per call).
+LEAD_BELOW_MS = 2.0
 
-#: How `measure` times, stored in each entry: an entry timed another way (before the queued call of
-#: PREFILL_BELOW_MS: no "method") is measured again rather than trusted.
-TIMING_METHOD = 2
+#: How `measure` times, stored in each entry: an entry timed another way is measured again rather than
+#: trusted. 1 (no "method"): each sample from an idle GPU; 2: each sample behind one queued call and
+#: synchronised, which a host hiccup longer than that call still reached (H200, 2026-11-30: 3 of 20
+#: timings of FlashAttention 3 at HunyuanVideo's key-padding shape, 0.21-0.38 ms of host per call against
+#: 0.42 ms of kernel, read 0.55-0.62 ms against 0.41-0.42, once taking cuDNN's 0.61 over it); 3: all
+#: samples in one stream behind a GPU-side lead (`_stream_ms`), which absorbs short stalls (GPU test:
+#: `test_autotune_timing_absorbs_a_burst_of_host_stalls`) but by design still reads a host as slow as the
+#: kernel; that FA3 path was so (its interface's own cost) until `flash_attn3.DirectForward`: 0.10-0.12 ms
+#: of host, 20 of 20 timings 0.414-0.427 ms (H200, ninth run, docs/GPU_BACKENDS.md).
+TIMING_METHOD = 3
 
 #: Candidates within this fraction of the fastest count as tied; the static order breaks ties, so
 #: timing noise does not flip a choice between equal kernels.
@@ -473,8 +480,8 @@ def make_inputs(call: Call, layout: str, generator: Optional[torch.Generator] = 
 
 def measure(backend, call: Call) -> float:
     """Median ms per call of ``backend`` on random inputs of ``call``'s shape: one warm-up call, then
-    samples sized to `BUDGET_MS` (CUDA events on CUDA, the host clock elsewhere). Forward and
-    backward when the call needs gradients."""
+    samples sized to `BUDGET_MS` (on CUDA timed by events in one stream, `_stream_ms`; the host clock
+    elsewhere). Forward and backward when the call needs gradients."""
     dev = _device(call)
     cuda = dev.type == "cuda"
     runner = backend.build(call)
@@ -496,19 +503,13 @@ def measure(backend, call: Call) -> float:
                 grad_out = torch.ones_like(out)
             torch.autograd.grad(out, (q, k, v), grad_out)
 
-    prefill = 0  # calls queued ahead of the start event: see PREFILL_BELOW_MS (set after the estimate)
+    def cuda_event():
+        return torch.cuda.Event(enable_timing=True)
 
-    def sample(n):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            for _ in range(prefill):
-                once()
-            start.record()
-            for _ in range(n):
-                once()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end) / n
+    def hold(ms):
+        _hold_gpu(dev, ms)
+
+    def host_sample(n):
         t0 = time.perf_counter()
         for _ in range(n):
             once()
@@ -516,18 +517,72 @@ def measure(backend, call: Call) -> float:
 
     # Dropout draws from the global generators: put their state back so that timing leaves the
     # user's random streams where they were.
+    # Events and the lead go to the current stream of the current device: make that the call's device.
     with torch.random.fork_rng(devices=[dev] if cuda else [], device_type=dev.type), \
+            (torch.cuda.device(dev) if cuda else contextlib.nullcontext()), \
             (torch.enable_grad() if call.needs_grad else torch.no_grad()):
         once()  # warm-up: lazy init, kernel selection, compilation
         if cuda:
             torch.cuda.synchronize(dev)
-        est = max(sample(1), 1e-4)
-        prefill = 1 if cuda and est < PREFILL_BELOW_MS else 0
+        # first estimate (from an idle GPU, host launch included): only sizes the samples
+        est = max(_stream_ms(once, 1, 1, 0.0, hold, cuda_event)[0] if cuda else host_sample(1), 1e-4)
         inner = max(1, min(MAX_INNER, math.ceil(MIN_SAMPLE_MS / est)))
         n = max(MIN_SAMPLES, min(MAX_SAMPLES, int(BUDGET_MS / (est * inner))))
-        times = sorted(sample(inner) for _ in range(n))
+        if cuda:
+            times = sorted(_stream_ms(once, n, inner, est if est < LEAD_BELOW_MS else 0.0, hold, cuda_event))
+        else:
+            times = sorted(host_sample(inner) for _ in range(n))
     del sets
     return times[len(times) // 2]
+
+
+def _stream_ms(once: Callable[[], object], n: int, inner: int, lead_ms: float, hold: Callable[[float], None],
+               new_event: Callable[[], object]) -> List[float]:
+    """ms per call of ``n`` samples of ``inner`` calls of ``once``, timed in one stream: ``hold(lead_ms)``
+    queues that much GPU-only work (no host cost) ahead of the first event, then the samples run back to
+    back with an event between each and one synchronisation at the end.
+
+    The host starts ``lead_ms`` ahead of the GPU, as in a model whose other layers keep the GPU busy,
+    and while a call launches faster than its kernels run that lead grows from sample to sample, so a
+    host hiccup (a collection, a Python wrapper's slow path) shows in a sample only when it outlasts the
+    lead. A call whose launch is slower than its kernels (host-bound: decoding) spends the lead within a
+    few calls and then measures its launch, as it costs in a model."""
+    events = [new_event() for _ in range(n + 1)]
+    if lead_ms > 0:
+        hold(lead_ms)
+    events[0].record()
+    for e in events[1:]:
+        for _ in range(inner):
+            once()
+        e.record()
+    events[-1].synchronize()
+    return [a.elapsed_time(b) / inner for a, b in zip(events, events[1:])]
+
+
+#: GPU clock cycles per ms of ``torch.cuda._sleep``, per device index (measured once per process).
+_SLEEP_CYCLES_PER_MS: Dict[int, float] = {}
+
+
+def _hold_gpu(device: torch.device, ms: float) -> None:
+    """Queue about ``ms`` of GPU-only work on the current stream: torch's spin kernel
+    (``torch.cuda._sleep``, in torch since 1.x), its cycles per ms measured on first use. A torch without
+    it gets no lead (timing then starts from an idle GPU), with a warning."""
+    sleep = getattr(torch.cuda, "_sleep", None)
+    if sleep is None:
+        _warn_once(("no _sleep",), "attnpatch: torch.cuda._sleep is missing in torch %s; autotune times short "
+                   "calls without a GPU-side lead", torch.__version__)
+        return
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    rate = _SLEEP_CYCLES_PER_MS.get(index)
+    if rate is None:
+        cycles = 1_000_000
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        sleep(cycles)
+        end.record()
+        end.synchronize()
+        rate = _SLEEP_CYCLES_PER_MS[index] = cycles / max(start.elapsed_time(end), 1e-3)
+    sleep(int(rate * ms))
 
 
 def _timer_for(call: Call) -> Optional[Timer]:

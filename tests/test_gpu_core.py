@@ -222,5 +222,41 @@ def test_autotune_timing_hides_a_host_wrapper_behind_queued_work():
 
     plain = min(autotune.measure(sdpa, call) for _ in range(3))
     delayed = min(autotune.measure(HostDelayed(), call) for _ in range(3))
-    assert plain < autotune.PREFILL_BELOW_MS, f"the shape no longer times under {autotune.PREFILL_BELOW_MS} ms"
+    assert plain < autotune.LEAD_BELOW_MS, f"the shape no longer times under {autotune.LEAD_BELOW_MS} ms"
     assert delayed < plain * 1.08, (plain, delayed)
+
+
+def test_autotune_timing_absorbs_a_burst_of_host_stalls():
+    """A burst of host stalls longer than one call (a collection, another process on the host's cores)
+    must not read as kernel time: FlashAttention 3 at HunyuanVideo's key-padding shape timed 0.55-0.62 ms
+    against 0.41-0.42 in 3 of 20 timings when each sample waited behind one queued call (H200,
+    2026-11-30, docs/GPU_BACKENDS.md), once losing to cuDNN's 0.61. Here a ~0.65 ms kernel behind a
+    0.15 ms wrapper stalls 0.5 ms more on 6 of its first 18 calls; one timing of it must read as one of
+    the kernel alone."""
+    from attnpatch import autotune
+    from attnpatch.call import build_call
+
+    q, k, v = _qkv(b=1, hq=12, hkv=12, sq=8192, skv=8192, d=128)
+    call, _ = build_call(q, k, v, "bnsd", None, False, None, 0.0, False)
+    sdpa = attnpatch.registry.get_backend("sdpa_cudnn")
+    stalls = {2 * i + 3: 5e-4 for i in range(9) if i % 3}  # after the warm-up and the first estimate
+
+    class Stalling:
+        NAME = "stalling"
+        NATIVE_LAYOUT = sdpa.NATIVE_LAYOUT
+
+        def build(self, c):
+            run = sdpa.build(c)
+            calls = [0]
+
+            def stalled(*args):
+                t_end = time.perf_counter() + 1.5e-4 + stalls.get(calls[0], 0.0)
+                calls[0] += 1
+                while time.perf_counter() < t_end:
+                    pass
+                return run(*args)
+            return stalled
+
+    plain = sorted(autotune.measure(sdpa, call) for _ in range(3))[1]
+    stalled = autotune.measure(Stalling(), call)
+    assert stalled < plain * 1.08, (plain, stalled)

@@ -189,9 +189,9 @@ def window_plan(s_q: int, s_kv: int, left: Optional[int], right: Optional[int]) 
     that window; the queries after ``rows`` see no key (their output is zeros). Keys at or after
     ``s_q + right`` are seen by no query, so they are dropped, which makes ``r`` >= 0; queries whose left
     edge passes the last key are cut, which makes ``l`` >= 0. Both edges are then exact for
-    FlashAttention 3, whose API turns an edge that covers every key into -1. FlashAttention 2 also drops
-    a right edge >= seqlen_k where it still limited a row (more queries than keys): its backend refuses
-    such calls."""
+    FlashAttention 3, whose API turns an edge that covers every key into -1. FlashAttention 2 turns a
+    right edge >= seqlen_k into -1 and an open right edge beside a bounded left one into seqlen_k, which
+    limits the first rows when there are more queries than keys: its backend refuses those calls."""
     keys = s_kv if right is None else min(s_kv, s_q + right)
     rows = s_q if left is None else min(s_q, keys + left)
     shift = keys - rows
@@ -206,9 +206,12 @@ def window_reasons(call: Call, fa2: bool) -> List[str]:
     if call.mask_kind != "none":
         return ["a sliding window together with a mask: the key-padding path packs the kept keys, which "
                 "moves their positions (flex and SDPA with an explicit mask serve it)"]
-    if fa2 and right is not None and call.seq_q > call.seq_kv:
+    if fa2 and call.seq_q > call.seq_kv:
+        # Decisions are cached per length bucket and the order of the lengths (`Call.signature`), so the
+        # refusal covers every window with more queries than keys, not only the lengths where keys go missing.
         return [f"sliding window {call.window} (causal={call.is_causal}) with more queries ({call.seq_q}) than "
-                f"keys ({call.seq_kv}): FlashAttention 2 drops a right window edge >= seqlen_k"]
+                f"keys ({call.seq_kv}): FlashAttention 2 turns a right window edge that is open or past the last "
+                "key into seqlen_k, which hides keys from the first queries (flash_api.cpp)"]
     return []
 
 

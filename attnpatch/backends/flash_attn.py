@@ -14,8 +14,9 @@ Translation (flash-attn takes bsnd, ``softmax_scale``, ``dropout_p``, ``causal``
 * GQA: native (flash-attn takes fewer k/v heads). Dropout: native, also with gradients in eager mode
   (flash-attn's own autograd); under torch.compile only without gradients (see `_custom_ops`).
 * sliding windows (``window``): flash-attn's ``window_size``, translated to SDPA's top-left alignment by
-  `window_plan`; refused with a mask and with a right edge when there are more queries than keys
-  (FlashAttention 2 drops it: `window_reasons`). Softcapping
+  `window_plan`; refused with a mask, and any window when there are more queries than keys
+  (FlashAttention 2 bounds an open right edge at seqlen_k, which then hides keys from the first queries:
+  `window_reasons`; found on an H200, 2026-11-30, docs/GPU_BACKENDS.md). Softcapping
   (``softcap``): flash-attn's own, the same formula.
 """
 
@@ -49,7 +50,7 @@ class FlashAttnBackend(ThirdPartyBackend):
     SUPPORTS_CAUSAL_WITH_MASK = False
     SUPPORTS_WINDOW = True
     SUPPORTS_SOFTCAP = True
-    # a bounded right window edge is refused with more queries than keys (`window_reasons`): compiled
+    # a window is refused with more queries than keys (`window_reasons`): compiled
     # graphs guard on seq_q vs seq_kv
     NEEDS_LENGTH_RELATION = True
     SUPPORTED_DTYPES = frozenset({torch.float16, torch.bfloat16})

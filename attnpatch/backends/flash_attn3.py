@@ -9,6 +9,8 @@ only drops edges that cover every key). A build shrunk with
 ``FLASH_ATTENTION_DISABLE_*`` switches (as `benchmarks/build_kernels.sh` makes it) refuses the calls that
 need what it left out (backward, softcap, windows, fp16, varlen, head dims), with the switch to drop: the
 switches are read from the build's ``flash_attn_config``, since such calls crash the process.
+Calls that need no gradient skip the interface's Python layers and call FA3's C++ forward operator
+(`DirectForward`), when its schema is the one attnpatch knows.
 """
 
 from __future__ import annotations
@@ -22,10 +24,93 @@ from ._third_party import ThirdPartyBackend, register_op, run_flash_api, window_
 
 
 def flash_attn3_kernel(fa3, q, k, v, mask, is_causal, scale, dropout_p, window=None, softcap=None):
-    """FA3 on bsnd tensors; ``fa3`` is ``flash_attn_interface`` (or a stand-in with its API)."""
+    """FA3 on bsnd tensors; ``fa3`` is ``flash_attn_interface`` (or a stand-in with its API). Calls that
+    need no gradient go to FA3's C++ forward operator directly where its schema is the known one
+    (`DirectForward`)."""
     if dropout_p:
         raise ValueError(f"flash_attn3 has no dropout (dropout_p={dropout_p}); the router refuses such calls")
-    return run_flash_api(fa3, q, k, v, mask, is_causal, {"softmax_scale": scale}, window=window, softcap=softcap)
+    direct = _DIRECT.get(fa3)
+    if direct is None:
+        direct = _DIRECT[fa3] = DirectForward.of(fa3)
+    return run_flash_api(direct, q, k, v, mask, is_causal, {"softmax_scale": scale}, window=window, softcap=softcap)
+
+
+#: The arguments of ``torch.ops.flash_attn_3.fwd``, in order, as the FlashAttention 3 `DirectForward` was
+#: written against declares them (flash-attention 0251105a, hopper/flash_api.cpp; the same since 3.0.0b1's
+#: 34-argument form). A build whose operator differs in any name or position is called through its
+#: Python interface.
+FA3_FWD_ARGUMENTS = (
+    "q", "k", "v", "k_new", "v_new", "q_v", "out", "cu_seqlens_q", "cu_seqlens_k", "cu_seqlens_k_new",
+    "seqused_q", "seqused_k", "max_seqlen_q", "max_seqlen_k", "page_table", "kv_batch_idx", "leftpad_k",
+    "rotary_cos", "rotary_sin", "seqlens_rotary", "q_descale", "k_descale", "v_descale", "softmax_scale",
+    "is_causal", "window_size_left", "window_size_right", "attention_chunk", "softcap", "is_rotary_interleaved",
+    "scheduler_metadata", "num_splits", "pack_gqa", "sm_margin")
+
+#: module (``flash_attn_interface`` or a stand-in) -> what `flash_attn3_kernel` calls for it
+_DIRECT: dict = {}
+
+
+def fa3_forward_operator(module):
+    """``torch.ops.flash_attn_3.fwd`` as ``module`` (``flash_attn_interface``) reaches it, when its schema's
+    arguments are `FA3_FWD_ARGUMENTS`; else None."""
+    op = getattr(getattr(getattr(module, "flash_attn_3_gpu", None), "fwd", None), "default", None)
+    try:
+        names = tuple(a.name for a in op._schema.arguments)
+    except AttributeError:
+        return None
+    return op if names == FA3_FWD_ARGUMENTS else None
+
+
+class DirectForward:
+    """``flash_attn_func`` / ``flash_attn_varlen_func`` as `run_flash_api` calls them, running FA3's C++
+    forward operator directly for calls that need no gradient, with the arguments the interface passes
+    (``num_splits=1``, no pack_gqa override, no rotary, paging or fp8 descales).
+
+    The interface wraps that operator in an autograd Function and a Python ``torch.library.custom_op`` and
+    allocates two empty device tensors per call: at HunyuanVideo's key-padding shape on an H200 the masked
+    call took 0.21-0.38 ms of host against 0.42 ms of kernel (2026-11-30, docs/GPU_BACKENDS.md), so it ran
+    near host-bound and its timings varied by 40%. Calls that need gradients go through the interface (its
+    backward)."""
+
+    def __init__(self, module, op):
+        self.module, self.op = module, op
+
+    @classmethod
+    def of(cls, module):
+        """A `DirectForward` over ``module``, or ``module`` itself when its operator is not the known one."""
+        op = fa3_forward_operator(module)
+        return module if op is None else cls(module, op)
+
+    def _forward(self, q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale, causal, window_size, softcap):
+        if softmax_scale is None:
+            softmax_scale = q.shape[-1] ** -0.5
+        # the interface's own layout fix-ups (``maybe_contiguous``; v may also be strided in its head dim)
+        q = q if q.stride(-1) == 1 else q.contiguous()
+        k = k if k.stride(-1) == 1 else k.contiguous()
+        v = v if v.stride(-1) == 1 or v.stride(-3) == 1 else v.contiguous()
+        left, right = window_size
+        return self.op(q, k, v, None, None, None, None, cu_q, cu_k, None, None, None, max_q, max_k,
+                       None, None, None, None, None, None, None, None, None, softmax_scale, causal, left, right,
+                       0, softcap, True, None, 1, None, 0)[0]
+
+    @staticmethod
+    def _needs_grad(q, k, v) -> bool:
+        return torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+
+    def flash_attn_func(self, q, k, v, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0):
+        if self._needs_grad(q, k, v):
+            return self.module.flash_attn_func(q, k, v, softmax_scale=softmax_scale, causal=causal,
+                                               window_size=window_size, softcap=softcap)
+        return self._forward(q, k, v, None, None, None, None, softmax_scale, causal, window_size, softcap)
+
+    def flash_attn_varlen_func(self, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                               softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0):
+        if self._needs_grad(q, k, v):
+            return self.module.flash_attn_varlen_func(
+                q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale=softmax_scale,
+                causal=causal, window_size=window_size, softcap=softcap)
+        return self._forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+                             causal, window_size, softcap)
 
 
 class FlashAttn3Backend(ThirdPartyBackend):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import math
+import re
 import sys
 import types
 from typing import Dict, Optional
@@ -21,6 +22,7 @@ from typing import Dict, Optional
 import torch
 
 CALLS: list = []  # (library function, kwargs summary) of every stand-in call, for tests to inspect
+FA3_DIRECT_CALLS: list = []  # calls of the FA3 stand-in's C++ forward operator (``torch.ops.flash_attn_3.fwd``)
 
 
 def _attend(q, k, v, scale, keep=None, bias=None, p=0.0, softcap=0.0):
@@ -73,9 +75,16 @@ def _check_fa(q, k, v, dims):
 # -- flash-attn 2: module `flash_attn` -----------------------------------------------------------------
 
 def _fa2_window(window, seqlen_k):
-    """FlashAttention 2's mha_fwd drops a window edge >= seqlen_k (``window_size_right = -1``), also where
-    the edge still limited a query row (more queries than keys): its C++ API, flash_api.cpp."""
-    return tuple(-1 if w >= seqlen_k else w for w in window)
+    """The window FlashAttention 2 applies (its C++ API, flash_api.cpp): mha_fwd drops an edge >= seqlen_k
+    (-1, also where it still limited a query row: more queries than keys), then set_params_fprop turns an
+    open edge beside a bounded one into seqlen_k (which limits the first rows with more queries than keys:
+    H200, 2026-11-30, relative error 0.17 at 256 queries / 96 keys, window (40, None))."""
+    left, right = (-1 if w >= seqlen_k else w for w in window)
+    if left < 0 and right >= 0:
+        left = seqlen_k
+    if left >= 0 and right < 0:
+        right = seqlen_k
+    return left, right
 
 
 def _fa3_window(window, seqlen_q, seqlen_k):
@@ -148,7 +157,66 @@ def _fa3_dequantize(q, k, v, q_descale, k_descale, v_descale):
     return deq(q, q_descale), deq(k, k_descale), deq(v, v_descale)
 
 
-def _fa3_module(returns_lse: bool):
+#: FlashAttention 3's forward operator as hopper/flash_api.cpp declares it (flash-attention 0251105a)
+FA3_FWD_SCHEMA = (
+    "fwd(Tensor q, Tensor k, Tensor v, Tensor(k_new!)? k_new = None, Tensor(v_new!)? v_new = None, "
+    "Tensor? q_v = None, Tensor(out!)? out = None, Tensor? cu_seqlens_q = None, Tensor? cu_seqlens_k = None, "
+    "Tensor? cu_seqlens_k_new = None, Tensor? seqused_q = None, Tensor? seqused_k = None, "
+    "int? max_seqlen_q = None, int? max_seqlen_k = None, Tensor? page_table = None, "
+    "Tensor? kv_batch_idx = None, Tensor? leftpad_k = None, Tensor? rotary_cos = None, "
+    "Tensor? rotary_sin = None, Tensor? seqlens_rotary = None, Tensor? q_descale = None, "
+    "Tensor? k_descale = None, Tensor? v_descale = None, float? softmax_scale = None, "
+    "bool is_causal = False, int window_size_left = -1, int window_size_right = -1, "
+    "int attention_chunk = 0, float softcap = 0.0, bool is_rotary_interleaved = False, "
+    "Tensor? scheduler_metadata = None, int num_splits = 0, bool? pack_gqa = None, "
+    "int sm_margin = 0) -> (Tensor(out!), Tensor, Tensor, Tensor)")
+
+
+def _schema_names(schema: str):
+    args = schema[schema.index("(") + 1:schema.index(") ->")]
+    return [re.match(r"\s*\S+\s+(\w+)", a).group(1) for a in args.split(",")]
+
+
+def _fa3_forward_call(fa2, names):
+    """The body of ``torch.ops.flash_attn_3.fwd`` for a stand-in: called positionally, it reads each argument
+    by its name in ``names`` (so a caller that puts one in the wrong place computes something else) and
+    refuses what attnpatch never passes."""
+    unused = ("k_new", "v_new", "q_v", "out", "cu_seqlens_k_new", "seqused_q", "seqused_k", "page_table",
+              "kv_batch_idx", "leftpad_k", "rotary_cos", "rotary_sin", "seqlens_rotary", "q_descale", "k_descale",
+              "v_descale", "scheduler_metadata", "pack_gqa")
+
+    def fwd(*args):
+        assert len(args) == len(names), (len(args), len(names))
+        a = dict(zip(names, args))
+        assert all(a[n] is None for n in unused), {n: a[n] for n in unused if a[n] is not None}
+        assert a["attention_chunk"] == 0 and a["num_splits"] == 1 and a["sm_margin"] == 0
+        assert isinstance(a["softmax_scale"], float) and isinstance(a["is_causal"], bool)
+        FA3_DIRECT_CALLS.append(dict(varlen=a["cu_seqlens_q"] is not None))
+        kw = dict(softmax_scale=a["softmax_scale"], causal=a["is_causal"], softcap=a["softcap"],
+                  window_size=(a["window_size_left"], a["window_size_right"]))
+        if a["cu_seqlens_q"] is None:
+            out = fa2.flash_attn_func(a["q"], a["k"], a["v"], **kw)
+        else:
+            out = fa2.flash_attn_varlen_func(a["q"], a["k"], a["v"], a["cu_seqlens_q"], a["cu_seqlens_k"],
+                                             a["max_seqlen_q"], a["max_seqlen_k"], **kw)
+        return out, torch.zeros(1), None, None
+
+    return fwd
+
+
+class _Operator:
+    """A callable with a ``_schema`` (what attnpatch reads of a torch OpOverload)."""
+
+    def __init__(self, fn, names):
+        self._fn = fn
+        self._schema = types.SimpleNamespace(arguments=[types.SimpleNamespace(name=n) for n in names])
+
+    def __call__(self, *args):
+        return self._fn(*args)
+
+
+def _fa3_module(returns_lse: bool, fwd_schema: Optional[str] = FA3_FWD_SCHEMA):
+    """``flash_attn_interface``; ``fwd_schema``: its C++ forward operator's (None: a module without one)."""
     m = types.ModuleType("flash_attn_interface")
     fa2 = _fa2_module(fa3_edges=True)
 
@@ -180,6 +248,10 @@ def _fa3_module(returns_lse: bool):
 
     m.flash_attn_func = flash_attn_func
     m.flash_attn_varlen_func = flash_attn_varlen_func
+    if fwd_schema is not None:
+        names = _schema_names(fwd_schema)
+        fwd = _Operator(_fa3_forward_call(fa2, names), names)
+        m.flash_attn_3_gpu = types.SimpleNamespace(fwd=types.SimpleNamespace(default=fwd))
     return m
 
 
@@ -356,13 +428,15 @@ def _fa3_config_module(disabled) -> types.ModuleType:
 
 
 def modules_for(backend: str, *, fa3_returns_lse: bool = False, sage_version: Optional[int] = None,
-                sage_mutates_k: bool = True, fa3_disabled=None) -> Dict[str, types.ModuleType]:
+                sage_mutates_k: bool = True, fa3_disabled=None,
+                fa3_fwd_schema: Optional[str] = FA3_FWD_SCHEMA) -> Dict[str, types.ModuleType]:
     """The sys.modules entries that stand in for ``backend``'s library. ``fa3_disabled``: FA3's build
-    switches that were on (a ``flash_attn_config`` is written then; None: a build without that file)."""
+    switches that were on (a ``flash_attn_config`` is written then; None: a build without that file).
+    ``fa3_fwd_schema``: the schema of FA3's C++ forward operator (None: the module exposes none)."""
     if backend == "flash_attn":
         return {"flash_attn": _fa2_module()}
     if backend in ("flash_attn3", "flash_attn3_fp8"):
-        mods = {"flash_attn_interface": _fa3_module(fa3_returns_lse)}
+        mods = {"flash_attn_interface": _fa3_module(fa3_returns_lse, fa3_fwd_schema)}
         mods["flash_attn_config"] = _fa3_config_module(fa3_disabled) if fa3_disabled is not None else None
         return mods
     if backend == "flash_attn4":
